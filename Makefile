@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine with Python 3.11+ and make:
+#   make serve   set up the service and serve the bundled models
+#   make test    set up everything (service, training, dev tools) and run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: serve test test-full lint bench browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Stamps re-run pip only when pyproject.toml changes.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[serve]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[serve,train,dev]'
+	touch $@ $(VENV)/.serve
+
+serve: $(VENV)/.serve
+	CHARLSTM_HOST=$(HOST) CHARLSTM_PORT=$(PORT) $(BIN)/python -m app
+
+# Debian's chromium for the playground test (Playwright never downloads a browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found and cannot install it: the browser test will be skipped"; fi; }
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(VENV)/.dev browser lint
+	$(BIN)/python -m pytest -q
+
+# Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
+test-full: $(VENV)/.dev browser lint
+	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.decode
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis test-artifacts

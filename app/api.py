@@ -1,0 +1,124 @@
+"""HTTP routes. Thin: parse, hand to the service, shape the reply (JSON or server-sent events)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+
+from app.errors import UnauthorizedError, error_body
+from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
+from app.service import ModelService, Prepared
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)
+}
+
+
+def service(request: Request) -> ModelService:
+    svc: ModelService = request.app.state.service
+    return svc
+
+
+async def require_key(request: Request,
+                      authorization: Annotated[str | None, Header()] = None) -> None:
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compare against every key, always, so timing says nothing about which part was wrong.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented, key.encode())
+    if not ok:
+        raise UnauthorizedError("missing or invalid API key (send Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+
+Svc = Annotated[ModelService, Depends(service)]
+protected = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+open_routes = APIRouter()
+
+
+def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
+    return body.stream or "text/event-stream" in (accept or "")
+
+
+@protected.post(
+    "/generate", response_model=GenerateResponse, tags=["generation"],
+    summary="Generate text from a seed",
+    responses={200: {"content": {"text/event-stream": {
+        "description": "with stream=true: `data: {\"text\": ...}` per chunk, then "
+                       "`event: done` with the same summary as the JSON reply"}}}},
+)
+async def generate(body: GenerateRequest, svc: Svc,
+                   accept: Annotated[str | None, Header()] = None) -> Response:
+    prep = svc.prepare(body)
+    if not wants_stream(body, accept):
+        result = await svc.run(prep)
+        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+    req = svc.submit(prep)  # 429 / 503 here, before the stream starts
+    return StreamingResponse(
+        sse_stream(svc, prep, req), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def sse_stream(svc: ModelService, prep: Prepared, req: Any) -> AsyncIterator[bytes]:
+    """Chunks as `data:` events, then an `error` event if one happened, then `done`."""
+    try:
+        async for chunk in svc.chunks(prep, req, svc.settings.keepalive_s):
+            if chunk is None:
+                yield KEEPALIVE_COMMENT
+            else:
+                yield format_sse_event(data_str=json.dumps(chunk, ensure_ascii=False))
+    except Exception as exc:  # never cut the stream silently: tell the client, then finish
+        req.cancel()
+        yield format_sse_event(event="error", data_str=json.dumps(
+            error_body("internal_error", f"stream failed: {type(exc).__name__}")))
+    summary = svc.response(prep, req)
+    if summary.error:
+        yield format_sse_event(event="error", data_str=json.dumps(
+            error_body("generation_error", summary.error)))
+    yield format_sse_event(event="done", data_str=summary.model_dump_json(exclude_none=True))
+
+
+@protected.get("/models", response_model=ModelList, tags=["models"])
+async def list_models(svc: Svc) -> ModelList:
+    return ModelList(default=svc.settings.default_model,
+                     models=[svc.info(s) for s in svc.models.values()])
+
+
+@protected.get("/models/{name}", response_model=ModelDetail, tags=["models"])
+async def get_model(name: str, svc: Svc) -> ModelDetail:
+    return svc.detail(svc.get(name))
+
+
+@open_routes.get("/health", tags=["ops"], summary="Liveness: the process is up")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@open_routes.get("/ready", tags=["ops"], summary="Readiness: models loaded, warm, not draining",
+                 responses={503: {"model": ErrorBody}})
+async def ready(svc: Svc) -> JSONResponse:
+    if svc.ready and not svc.draining:
+        return JSONResponse({"status": "ready", "models": sorted(svc.models)})
+    state = "draining" if svc.draining else "loading"
+    return JSONResponse(error_body("unavailable", f"not ready: {state}"), status_code=503,
+                        headers={"Retry-After": "1"})
+
+
+@open_routes.get("/metrics", tags=["ops"], summary="Prometheus metrics",
+                 response_class=Response)
+async def metrics(request: Request, svc: Svc) -> Response:
+    for served in svc.models.values():  # refresh gauges that change between engine events
+        served.observer.on_queue(served.engine.waiting, served.engine.active)
+    return Response(request.app.state.metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,99 @@
+"""Domain errors and the one place that maps them to HTTP: {"error": {"type", "message"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequestError(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+class ModelNotFoundError(ServiceError):
+    status, type = 404, "model_not_found"
+
+
+class OverloadedError(ServiceError):
+    status, type = 429, "overloaded"
+
+
+class UnavailableError(ServiceError):
+    status, type = 503, "unavailable"
+
+
+class UnauthorizedError(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class PayloadTooLargeError(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        msg = str(err.get("msg", "invalid"))
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(f"request body is not valid JSON: {ctx.get('error', msg)}")
+        elif err.get("type") == "model_attributes_type":
+            parts.append("request body must be a JSON object")
+        elif msg.startswith(field):
+            parts.append(msg)
+        else:
+            parts.append(f"{field}: {msg}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", _describe_validation(exc)),
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Log the trace for operators; callers get no internals (paths, stack frames).
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", "internal server error"),
+                            status_code=500)

@@ -1,0 +1,60 @@
+"""App factory: settings -> models loaded and warmed in lifespan -> routes, errors, middleware."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import api
+from app.artifact import ArtifactError
+from app.errors import install_handlers
+from app.limits import BodyLimitMiddleware
+from app.metrics import Metrics
+from app.service import ModelService
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    svc = ModelService(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            svc.load()
+        except ArtifactError as exc:
+            log.error("cannot start: %s", exc)
+            raise RuntimeError(f"cannot start: {exc}") from None
+        svc.start()
+        log.info("ready: %s", ", ".join(f"{n} on {s.model.provider}"
+                                        for n, s in svc.models.items()))
+        try:
+            yield
+        finally:
+            svc.close()
+
+    app = FastAPI(
+        title="charlstm",
+        summary="Character-level LSTM text generation with continuous batching.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = svc
+    install_handlers(app)
+    app.include_router(api.protected)
+    app.include_router(api.open_routes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

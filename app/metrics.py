@@ -1,0 +1,78 @@
+"""Prometheus metrics, one registry per app instance (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app.engine import Request
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("charlstm_requests", "generation requests by outcome",
+                                ["model", "outcome"], registry=r)
+        self.chars = Counter("charlstm_generated_chars", "characters generated", ["model"],
+                             registry=r)
+        self.queue = Gauge("charlstm_queue_depth", "requests waiting for a batch row",
+                           ["model"], registry=r)
+        self.active = Gauge("charlstm_active_rows", "rows in the running batch", ["model"],
+                            registry=r)
+        self.batch = Histogram("charlstm_batch_size", "rows per decode step", ["model"],
+                               buckets=_BATCH_BUCKETS, registry=r)
+        self.step = Histogram("charlstm_step_seconds", "onnxruntime time per decode step",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill = Histogram("charlstm_prefill_seconds", "time per prefill call", ["model"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttfc = Histogram("charlstm_time_to_first_char_seconds",
+                              "submission to first generated character", ["model"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("charlstm_inter_char_seconds",
+                             "mean time between characters, one observation per request",
+                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+
+    def observer(self, model: str) -> ModelObserver:
+        return ModelObserver(self, model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelObserver:
+    """The engine's hooks for one model (called on the engine's worker thread)."""
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.m, self.model = m, model
+        self._batch = m.batch.labels(model)
+        self._step = m.step.labels(model)
+        self._queue = m.queue.labels(model)
+        self._active = m.active.labels(model)
+        self._queue.set(0)
+        self._active.set(0)
+
+    def on_step(self, batch: int, seconds: float) -> None:
+        self._batch.observe(batch)
+        self._step.observe(seconds)
+
+    def on_prefill(self, rows: int, chars: int, seconds: float) -> None:
+        self.m.prefill.labels(self.model).observe(seconds)
+
+    def on_queue(self, waiting: int, active: int) -> None:
+        self._queue.set(waiting)
+        self._active.set(active)
+
+    def on_finish(self, request: Request) -> None:
+        self.m.requests.labels(self.model, request.finish_reason or "unknown").inc()
+        self.m.chars.labels(self.model).inc(len(request.ids))
+        if request.first_at is not None:
+            self.m.ttfc.labels(self.model).observe(request.first_at - request.submitted_at)
+            if request.finished_at is not None and request.sampled > 1:
+                gap = (request.finished_at - request.first_at) / (request.sampled - 1)
+                self.m.itl.labels(self.model).observe(gap)
+
+    def on_rejected(self, outcome: str) -> None:
+        self.m.requests.labels(self.model, outcome).inc()

@@ -1,0 +1,205 @@
+"""Loader: a validated artifact folder -> an onnxruntime session with a typed step function.
+
+`OnnxModel.step` advances a batch by T characters. The recurrent state lives in a
+`StateBatch`: numpy arrays on the CPU provider, device-resident OrtValues on CUDA (IO
+binding), so that only the logits cross to the host on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from app.artifact import ArtifactError, ModelMetadata, read_metadata
+from app.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 1  # 0 lets onnxruntime choose; 1 is fastest at small batches
+    inter_op_threads: int = 1
+
+
+class StateBatch:
+    """Per-row recurrent state, one (B, U) tensor per state input, on the host or the device."""
+
+    def __init__(self, tensors: list[Any], rows: int, on_device: bool) -> None:
+        self.tensors = tensors  # numpy arrays, or OrtValues when on_device
+        self.rows = rows
+        self.on_device = on_device
+
+    def host(self) -> list[FloatArray]:
+        if self.on_device:
+            return [t.numpy() for t in self.tensors]
+        return list(self.tensors)
+
+
+class OnnxModel:
+    """One exported model: metadata, vocabulary and an onnxruntime session."""
+
+    def __init__(self, model_dir: Path, meta: ModelMetadata, session: Any, provider: str) -> None:
+        self.dir = model_dir
+        self.meta = meta
+        self.name = model_dir.name
+        self.vocab: Vocabulary = meta.vocabulary()
+        self.session = session
+        self.provider = provider
+        self.on_device = provider == "CUDAExecutionProvider"
+        self.ids_name = meta.onnx.ids_input
+        self.logits_name = meta.onnx.logits_output
+        self.state_in = [s.input for s in meta.onnx.states]
+        self.state_out = [s.output for s in meta.onnx.states]
+        self.state_sizes = [s.size for s in meta.onnx.states]
+        self._outputs = [self.logits_name, *self.state_out]
+
+    # --- state helpers -------------------------------------------------------------------
+    def zero_states(self, rows: int) -> StateBatch:
+        return self.states_from_host([np.zeros((rows, n), np.float32) for n in self.state_sizes])
+
+    def states_from_host(self, arrays: list[FloatArray]) -> StateBatch:
+        rows = int(arrays[0].shape[0]) if arrays else 0
+        if not self.on_device:
+            return StateBatch(arrays, rows, on_device=False)
+        import onnxruntime as ort
+
+        vals = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0)
+                for a in arrays]
+        return StateBatch(vals, rows, on_device=True)
+
+    def select(self, states: StateBatch, rows: npt.NDArray[np.intp]) -> StateBatch:
+        """Keep only `rows` (in that order); the batch shrinks when requests leave."""
+        host = [a[rows] for a in states.host()]
+        return self.states_from_host(host)
+
+    def concat(self, parts: list[StateBatch]) -> StateBatch:
+        """Stack batches row-wise; new requests join the running batch this way."""
+        parts = [p for p in parts if p.rows]
+        if not parts:
+            return self.zero_states(0)
+        if len(parts) == 1:
+            return parts[0]
+        hosts = [p.host() for p in parts]
+        return self.states_from_host(
+            [np.concatenate([h[i] for h in hosts]) for i in range(len(self.state_in))]
+        )
+
+    # --- the step ------------------------------------------------------------------------
+    def step(self, ids: IdArray, states: StateBatch) -> tuple[FloatArray, StateBatch]:
+        """ids (B, T) -> logits (B, T, V) on the host, and the new state (same placement)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        if not self.on_device:
+            feeds = {self.ids_name: ids, **dict(zip(self.state_in, states.tensors, strict=True))}
+            out = self.session.run(self._outputs, feeds)
+            return out[0], StateBatch(out[1:], ids.shape[0], on_device=False)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.ids_name, ids)
+        for name, val in zip(self.state_in, states.tensors, strict=True):
+            binding.bind_ortvalue_input(name, val)
+        binding.bind_output(self.logits_name, "cpu")
+        for name in self.state_out:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        return out[0].numpy(), StateBatch(list(out[1:]), ids.shape[0], on_device=True)
+
+    def run_numpy(self, ids: IdArray, states: list[FloatArray]) -> tuple[FloatArray,
+                                                                        list[FloatArray]]:
+        """Host-only convenience for offline tools (evaluate, sample, parity checks)."""
+        logits, new = self.step(ids, self.states_from_host(states))
+        return logits, new.host()
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def choose_provider(device: str) -> str:
+    providers = available_providers()
+    if device == "cpu":
+        return "CPUExecutionProvider"
+    if "CUDAExecutionProvider" in providers:
+        return "CUDAExecutionProvider"
+    if device == "cuda":
+        raise ArtifactError(
+            "device=cuda was requested but onnxruntime has no CUDA provider "
+            f"(available: {', '.join(providers)}); install the gpu extra"
+        )
+    return "CPUExecutionProvider"
+
+
+def _check_graph(path: Path, meta: ModelMetadata, session: Any) -> None:
+    """The graph's inputs and outputs must be the ones model.json promises."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    want_in = [meta.onnx.ids_input, *(s.input for s in meta.onnx.states)]
+    want_out = [meta.onnx.logits_output, *(s.output for s in meta.onnx.states)]
+    missing_in = [n for n in want_in if n not in inputs]
+    missing_out = [n for n in want_out if n not in outputs]
+    if missing_in or missing_out or len(inputs) != len(want_in):
+        raise ArtifactError(
+            f"{path}: graph does not match model.json: graph inputs {sorted(inputs)}, outputs "
+            f"{sorted(outputs)}; model.json expects inputs {want_in} and outputs {want_out}"
+        )
+    for s in meta.onnx.states:
+        shape = inputs[s.input].shape
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != s.size):
+            raise ArtifactError(
+                f"{path}: state input {s.input!r} has shape {shape}, model.json says "
+                f"[batch, {s.size}]"
+            )
+    vshape = outputs[meta.onnx.logits_output].shape
+    if len(vshape) != 3 or (isinstance(vshape[2], int) and vshape[2] != len(meta.vocab)):
+        raise ArtifactError(
+            f"{path}: logits shape {vshape} does not match the vocabulary of {len(meta.vocab)} "
+            "characters in model.json"
+        )
+
+
+def load_model(model_dir: Path, options: RuntimeOptions | None = None) -> OnnxModel:
+    """Validate metadata, open the graph, check it against the metadata, run one warm-up step."""
+    import onnxruntime as ort
+
+    options = options or RuntimeOptions()
+    meta = read_metadata(model_dir)
+    onnx_path = model_dir / meta.onnx.file
+    if Path(meta.onnx.file).name != meta.onnx.file:
+        raise ArtifactError(f"{model_dir / 'model.json'}: onnx.file must be a plain file name")
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path}: missing (named by {model_dir / 'model.json'})")
+    provider = choose_provider(options.device)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.log_severity_level = 3
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider,
+                                                                       "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
+        raise ArtifactError(f"{onnx_path}: onnxruntime cannot load it: {exc}") from None
+    _check_graph(onnx_path, meta, session)
+    model = OnnxModel(model_dir, meta, session, session.get_providers()[0])
+    try:
+        logits, _ = model.step(np.zeros((1, 2), np.int32), model.zero_states(1))
+    except Exception as exc:
+        raise ArtifactError(f"{onnx_path}: warm-up step failed: {exc}") from None
+    if logits.shape != (1, 2, len(model.vocab)) or not np.all(np.isfinite(logits)):
+        raise ArtifactError(f"{onnx_path}: warm-up step gave logits of shape {logits.shape} "
+                            "or non-finite values")
+    log.info("loaded model %s from %s on %s (pid %d)", model.name, onnx_path, model.provider,
+             os.getpid())
+    return model

@@ -1,0 +1,260 @@
+"""Serving layer: loaded models and their engines, request validation, text <-> ids, replies.
+
+Routers stay thin: they call into `ModelService`, which raises domain errors from
+app.errors; the HTTP mapping lives in one place (app/errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.artifact import ArtifactError
+from app.engine import (
+    Engine,
+    EngineClosedError,
+    GenerationParams,
+    QueueFullError,
+    Request,
+)
+from app.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+from app.metrics import Metrics, ModelObserver
+from app.runtime import OnnxModel, RuntimeOptions, load_model
+from app.schemas import (
+    Alternative,
+    CharDetail,
+    GenerateRequest,
+    GenerateResponse,
+    ModelDetail,
+    ModelInfo,
+    StateInfo,
+    Timings,
+    Usage,
+)
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMPTY_SEED_PRIMER = "\n"
+
+
+@dataclass
+class Served:
+    model: OnnxModel
+    engine: Engine
+    observer: ModelObserver
+
+
+@dataclass
+class Prepared:
+    served: Served
+    params: GenerationParams
+    seed_text: str
+    lowercased: bool
+
+
+def discover(models_dir: Path) -> list[Path]:
+    """Model folders: visible sub-folders of the models directory, by name."""
+    if not models_dir.is_dir():
+        raise ArtifactError(f"{models_dir}: models directory not found")
+    found = sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise ArtifactError(f"{models_dir}: no model folders (export one with "
+                            "`python -m training export`)")
+    return found
+
+
+class ModelService:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, Served] = {}
+        self.ready = False
+        self.draining = False
+
+    # --- life cycle -----------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every model folder (validate, check graph, warm up). Any failure stops start-up."""
+        opts = RuntimeOptions(device=self.settings.device,
+                              intra_op_threads=self.settings.intra_op_threads)
+        for folder in discover(self.settings.models_dir):
+            model = load_model(folder, opts)
+            observer = self.metrics.observer(model.name)
+            engine = Engine(model, max_batch=self.settings.max_batch,
+                            max_queue=self.settings.max_queue,
+                            retry_after_s=self.settings.retry_after_s, observer=observer)
+            self.models[model.name] = Served(model, engine, observer)
+        if self.settings.default_model not in self.models:
+            raise ArtifactError(
+                f"default model {self.settings.default_model!r} is not in "
+                f"{self.settings.models_dir} (found: {', '.join(self.models)}); set "
+                "CHARLSTM_DEFAULT_MODEL"
+            )
+
+    def start(self) -> None:
+        for served in self.models.values():
+            served.engine.start()
+        self.ready = True
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting (503, not ready) and give running requests up to grace_s to finish."""
+        self.draining = True
+        self.ready = False
+        results = await asyncio.gather(*(s.engine.drain(grace_s) for s in self.models.values()))
+        return all(results)
+
+    def close(self) -> None:
+        self.ready = False
+        for served in self.models.values():
+            served.engine.close()
+
+    # --- lookups --------------------------------------------------------------------------
+    def get(self, name: str | None) -> Served:
+        key = name or self.settings.default_model
+        served = self.models.get(key)
+        if served is None:
+            raise ModelNotFoundError(
+                f"model {key!r} not found; available: {', '.join(sorted(self.models))}")
+        return served
+
+    def info(self, served: Served) -> ModelInfo:
+        m = served.model
+        meta = m.meta
+        val = meta.validation
+        return ModelInfo(
+            name=m.name, cell=meta.architecture.cell, layers=meta.architecture.layers,
+            units=meta.architecture.units, embedding_dim=meta.architecture.embedding_dim,
+            parameters=meta.architecture.parameters, vocab_size=len(m.vocab),
+            lowercase=meta.lowercase, provider=m.provider,
+            validation_loss_nats=val.loss_nats if val else None,
+            validation_bits_per_char=val.bits_per_char if val else None,
+            corpus=meta.corpus.name,
+        )
+
+    def detail(self, served: Served) -> ModelDetail:
+        meta = served.model.meta
+        return ModelDetail(
+            **self.info(served).model_dump(), vocab=list(served.model.vocab.chars),
+            states=[StateInfo(input=s.input, output=s.output, size=s.size)
+                    for s in meta.onnx.states],
+            training=dict(meta.training), versions=dict(meta.versions),
+            active_rows=served.engine.active, waiting=served.engine.waiting,
+        )
+
+    # --- generation -----------------------------------------------------------------------
+    def prepare(self, body: GenerateRequest) -> Prepared:
+        served = self.get(body.model)
+        s = self.settings
+        vocab = served.model.vocab
+        lower = served.model.meta.lowercase
+        seed_text = body.seed_text.lower() if lower else body.seed_text
+        if len(seed_text) > s.max_seed_chars:
+            raise InvalidRequestError(
+                f"seed_text must have at most {s.max_seed_chars} characters, got {len(seed_text)}")
+        unknown = vocab.unknown(seed_text)
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:20])
+            raise InvalidRequestError(
+                f"seed_text has characters not in the vocabulary of model {served.model.name!r}: "
+                f"{shown}")
+        max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
+        if max_new > s.max_new_chars:
+            raise InvalidRequestError(
+                f"max_new_chars must be in [1, {s.max_new_chars}], got {max_new}")
+        primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
+                               else vocab.chars[0])
+        stops = []
+        for stop in body.stop or []:  # type: ignore[union-attr]
+            text = stop.lower() if lower else stop
+            if not vocab.unknown(text):  # a stop the model cannot spell can never occur
+                stops.append(tuple(int(i) for i in vocab.encode(text)))
+        time_limit = min(body.time_limit_s or s.time_limit_s, s.time_limit_s)
+        params = GenerationParams(
+            seed_ids=vocab.encode(primer), max_new=max_new, temperature=body.temperature,
+            top_k=body.top_k, top_p=body.top_p,
+            seed=body.seed if body.seed is not None else secrets.randbits(63),
+            stop=stops, time_limit_s=time_limit, details=body.details,
+        )
+        return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
+
+    def submit(self, prep: Prepared) -> Request:
+        if self.draining or not self.ready:
+            prep.served.observer.on_rejected("unavailable")
+            raise UnavailableError("the server is shutting down or not ready; retry elsewhere",
+                                   headers={"Retry-After": "1"})
+        try:
+            return prep.served.engine.submit(prep.params)
+        except QueueFullError as exc:
+            prep.served.observer.on_rejected("overloaded")
+            raise OverloadedError(str(exc), headers={"Retry-After": str(exc.retry_after)}) \
+                from None
+        except EngineClosedError as exc:
+            prep.served.observer.on_rejected("unavailable")
+            raise UnavailableError(str(exc), headers={"Retry-After": "1"}) from None
+
+    def response(self, prep: Prepared, req: Request) -> GenerateResponse:
+        vocab = prep.served.model.vocab
+        text = vocab.decode(req.ids)
+        details = None
+        if prep.params.details:
+            details = [
+                CharDetail(char=vocab.chars[i], prob=d.prob,
+                           top=[Alternative(char=vocab.chars[t], prob=p) for t, p in d.top])
+                for i, d in zip(req.ids, req.details, strict=False)
+            ]
+        return GenerateResponse(
+            model=prep.served.model.name, text=text,
+            finish_reason=req.finish_reason or "cancelled",  # type: ignore[arg-type]
+            seed=prep.params.seed, seed_text=prep.seed_text, lowercased=prep.lowercased,
+            usage=Usage(seed_chars=len(prep.seed_text), generated_chars=len(text)),
+            timings=Timings(**req.timings()), error=req.error, details=details,
+        )
+
+    async def run(self, prep: Prepared) -> GenerateResponse:
+        """Generate to the end; a cancelled await (client gone) cancels the request."""
+        req = self.submit(prep)
+        try:
+            while not req.done:
+                await req.wait()
+        finally:
+            if not req.done:
+                req.cancel()
+        return self.response(prep, req)
+
+    async def chunks(self, prep: Prepared, req: Request,
+                     keepalive_s: float) -> AsyncIterator[dict[str, Any] | None]:
+        """Text produced since the last chunk; None while idle (a keep-alive is due)."""
+        vocab = prep.served.model.vocab
+        sent = 0
+        try:
+            while True:
+                if not await req.wait(keepalive_s):
+                    yield None
+                    continue
+                done = req.done  # read before the ids: once set, every id is in place
+                n = len(req.ids)
+                if n > sent:
+                    chunk: dict[str, Any] = {"text": vocab.decode(req.ids[sent:n])}
+                    if prep.params.details:
+                        chunk["details"] = [
+                            {"char": vocab.chars[i], "prob": d.prob,
+                             "top": [{"char": vocab.chars[t], "prob": p} for t, p in d.top]}
+                            for i, d in zip(req.ids[sent:n], req.details[sent:n], strict=False)
+                        ]
+                    sent = n
+                    yield chunk
+                if done:
+                    return
+        finally:
+            if not req.done:
+                req.cancel()

@@ -1,0 +1,45 @@
+"""All service settings, read from the environment (prefix CHARLSTM_) and validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", env_file=None, extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="folder with one sub-folder per model")
+    default_model: str = Field("shakespeare", description="model used when a request names none")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="onnxruntime provider: CUDA when available (auto), or forced")
+    intra_op_threads: int = Field(
+        1, ge=0, description="onnxruntime threads per call; 1 is fastest for small batches on "
+        "a 2-core CPU, 0 lets onnxruntime use every core")
+    max_batch: int = Field(256, ge=1, le=4096, description="active rows per model")
+    max_queue: int = Field(256, ge=0, description="requests waiting per model before 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
+    max_new_chars: int = Field(5000, ge=1, description="upper bound for max_new_chars")
+    default_new_chars: int = Field(200, ge=1, description="max_new_chars when omitted")
+    max_seed_chars: int = Field(4000, ge=1, description="longest accepted seed_text")
+    time_limit_s: float = Field(120.0, gt=0, description="per-request wall-time limit")
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys; empty disables auth")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated allowed browser origins")
+    drain_s: float = Field(20.0, ge=0, description="SIGTERM grace period for running requests")
+    keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
+    log_level: str = Field("info", description="Python logging level")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v

@@ -1,0 +1,119 @@
+"""Shared fixtures: corpora from ../shared/data, a tiny model trained and exported once per
+session with the real CLI, and real servers on real ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("CHARLSTM_DATA", ROOT.parent / "shared" / "data"))
+FULL = os.environ.get("CHARLSTM_FULL") == "1"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    path = DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.fail(f"corpus missing: {path} (set CHARLSTM_DATA to the folder of the corpora)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
+    """The first 60k characters of tinyshakespeare: enough to learn a little in seconds."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(shakespeare_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
+    """A models folder holding `tiny` (LSTM 2x48) trained and exported with the project's CLI."""
+    root = tmp_path_factory.mktemp("tiny")
+    run = root / "run"
+    models = root / "models"
+    res = run_cli("training", "train", str(small_corpus), "-o", str(run), "--units", "48",
+                  "--embedding-dim", "16", "--epochs", "2", "--seq-len", "50", "--batch-size",
+                  "32", "--sample-length", "20", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("training", "export", str(run), "--name", "tiny", "--models-dir", str(models))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)  # type: ignore[arg-type]
+
+
+def start_server(models_dir: Path, log_path: Path, default: str = "tiny",
+                 **env: str) -> Server:
+    port = free_port()
+    full_env = {
+        **os.environ, "PYTHONUNBUFFERED": "1", "CHARLSTM_MODELS_DIR": str(models_dir),
+        "CHARLSTM_DEFAULT_MODEL": default, "CHARLSTM_PORT": str(port),
+        "CHARLSTM_HOST": "127.0.0.1", **{f"CHARLSTM_{k.upper()}": v for k, v in env.items()},
+    }
+    log_file = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
+                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return Server(url, proc, log_path)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not become ready:\n{log_path.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tiny_models, tmp_path_factory.mktemp("srv") / "server.log",
+                       max_queue="8", max_batch="64")
+    yield srv
+    stop_server(srv)

@@ -1,0 +1,165 @@
+"""Command line: `python -m training {train,export,evaluate,sample} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Quiet TensorFlow's C++ start-up chatter unless the caller asked for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "train", help="train a char-RNN on a text corpus",
+        description="Train a character-level LSTM/GRU language model. Every character of the "
+        "training split is a target once per epoch; the best weights by validation loss are "
+        "kept as RUN_DIR/best.weights.h5 and the last full checkpoint (for --resume) as "
+        "RUN_DIR/last.keras, with a CSV log, a loss plot and samples per epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("corpus", nargs="+",
+                   help="UTF-8 text file(s), or one named corpus (shakespeare, nietzsche) that "
+                   "is downloaded once into the cache ($CHARLSTM_CACHE or ~/.cache/charlstm)")
+    p.add_argument("-o", "--out", type=Path, required=True,
+                   help="run folder for checkpoints, log.csv, loss.png and samples.txt")
+    p.add_argument("--lowercase", action="store_true", help="lowercase the text first")
+    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell")
+    p.add_argument("--layers", type=int, default=2, help="number of stacked recurrent layers")
+    p.add_argument("--units", type=int, default=256, help="units per recurrent layer")
+    p.add_argument("--embedding-dim", type=int, default=64, help="character embedding size")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout after each layer")
+    p.add_argument("--seq-len", type=int, default=100, help="characters per training window")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per batch")
+    p.add_argument("--epochs", type=int, default=20, help="last epoch to train to")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--clipnorm", type=float, default=5.0, help="gradient norm clip")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="validation = this last fraction of the text")
+    p.add_argument("--patience", type=int, default=4,
+                   help="stop after this many epochs without a better validation loss")
+    p.add_argument("--seed", type=int, default=1234, help="random seed for a reproducible run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint up to --epochs")
+    p.add_argument("--distribute", choices=["auto", "none", "mirrored"], default="auto",
+                   help="auto: MirroredStrategy when several GPUs (or --cpu-devices) are visible")
+    p.add_argument("--cpu-devices", type=int, default=0,
+                   help="split the CPU into this many logical devices (tests of multi-device "
+                   "training without GPUs)")
+    p.add_argument("--sample-length", type=int, default=200,
+                   help="characters sampled at each of 0.2/0.5/1.0/1.2 after every epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="cap batches per epoch (quick experiments); default: the whole split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint to models/<name>/ (ONNX + model.json), verified",
+        description="Convert RUN_DIR/best.weights.h5 to model.onnx with explicit input/output names "
+        "and dynamic batch and time, check it against Keras (logits and states within 1e-4, "
+        "greedy decoding of 200 characters identical), evaluate it on the validation split and "
+        "write model.json, the loss plot and samples. Any failed check fails the export.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", type=Path, help="a run folder written by `train`")
+    p.add_argument("--name", required=True, help="model name; the folder under --models-dir")
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="artifact root")
+    p.add_argument("--checkpoint", default="best.weights.h5", help="weights file in RUN_DIR")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max abs difference allowed between ONNX and Keras outputs")
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "evaluate", help="validation loss of an exported model, with onnxruntime",
+        description="Mean cross-entropy (nats/char and bits/char) of an exported ONNX model on "
+        "text, in windows of the training length from a zero state, as training measured it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
+    p.add_argument("text", nargs="*", type=Path,
+                   help="text file(s); default: the corpus files named in model.json")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="score the last fraction of the text; 1 scores all of it")
+    p.add_argument("--window", type=int, default=None,
+                   help="characters per window; default: the training window from model.json")
+
+
+def _sample_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sample", help="generate text from an exported model",
+        description="Prime the model with --seed-text, then sample one continuation per "
+        "temperature with onnxruntime.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
+    p.add_argument("--seed-text", default="\n", help="text to continue")
+    p.add_argument("-t", "--temperature", type=float, action="append",
+                   help="sampling temperature (repeatable); default 0.2 0.5 1.0 1.2")
+    p.add_argument("-n", "--length", type=int, default=400, help="characters to generate")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train character-level LSTM/GRU language models and export them for the "
+        "service: train -> export -> evaluate / sample.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _export_parser(sub)
+    _evaluate_parser(sub)
+    _sample_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from app.artifact import ArtifactError
+    from training.corpus import CorpusError
+    from training.train import ResumeError
+
+    try:
+        if args.command == "train":
+            from training.train import TrainOptions, train
+
+            best = train(TrainOptions(
+                corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase, cell=args.cell,
+                layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
+                dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size,
+                epochs=args.epochs, learning_rate=args.lr, clipnorm=args.clipnorm,
+                val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
+                resume=args.resume, distribute=args.distribute, cpu_devices=args.cpu_devices,
+                sample_length=args.sample_length, steps_per_epoch=args.steps_per_epoch,
+                verbose=0 if args.quiet else 1,
+                command=["python", "-m", "training", *(argv if argv is not None else sys.argv[1:])],
+            ))
+            print(f"best checkpoint: {best}")
+        elif args.command == "export":
+            from training.export import export
+
+            out = export(args.run_dir, args.name, args.models_dir, checkpoint=args.checkpoint,
+                         opset=args.opset, tolerance=args.tolerance)
+            print(f"exported {out}")
+        elif args.command == "evaluate":
+            from training.evaluate import evaluate_cli
+
+            evaluate_cli(args.model_dir, args.text, args.val_fraction, args.window)
+        elif args.command == "sample":
+            from training.evaluate import sample_cli
+
+            sample_cli(args.model_dir, args.seed_text, args.temperature or [0.2, 0.5, 1.0, 1.2],
+                       args.length, args.seed)
+    except (CorpusError, ResumeError, ArtifactError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Keras models: the training graph and its stateful inference twin.
+
+Training:  ids (B, T) -> Embedding -> N x (LSTM | GRU, dropout after each) -> Dense(V) logits.
+Inference: the same layers (same names, so weights copy by name) taking and returning the
+recurrent state, without dropout, so one graph serves prefill (T = seed length) and decode (T = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Cell = Literal["lstm", "gru"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    cell: Cell = "lstm"
+    layers: int = 2
+    units: int = 256
+    embedding_dim: int = 64
+    dropout: float = 0.2
+
+    @property
+    def states_per_layer(self) -> int:
+        return 2 if self.cell == "lstm" else 1
+
+    def state_names(self) -> list[str]:
+        """Per layer: h (and c for LSTM), in layer order; these are the ONNX input names."""
+        kinds = ["h", "c"][: self.states_per_layer]
+        return [f"{k}{i}" for i in range(self.layers) for k in kinds]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rnn_layer(cfg: ModelConfig, i: int, return_state: bool) -> Any:
+    import keras
+
+    # No recurrent_dropout: it stops tf2onnx from emitting the fused ONNX LSTM/GRU op.
+    layer_cls = keras.layers.LSTM if cfg.cell == "lstm" else keras.layers.GRU
+    return layer_cls(cfg.units, return_sequences=True, return_state=return_state, name=f"rnn_{i}")
+
+
+def build_training_model(cfg: ModelConfig) -> Any:
+    import keras
+
+    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(cfg.vocab_size, cfg.embedding_dim, name="embedding")(ids)
+    for i in range(cfg.layers):
+        x = _rnn_layer(cfg, i, return_state=False)(x)
+        if cfg.dropout > 0:
+            x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+    logits = keras.layers.Dense(cfg.vocab_size, name="logits")(x)  # (B, T, V)
+    return keras.Model(ids, logits, name="char_rnn")
+
+
+def build_inference_model(cfg: ModelConfig) -> Any:
+    """Inputs [ids, *states]; outputs {"logits", "<state>_out"...}."""
+    import keras
+
+    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    states_in = [keras.Input(shape=(cfg.units,), name=n) for n in cfg.state_names()]
+    x = keras.layers.Embedding(cfg.vocab_size, cfg.embedding_dim, name="embedding")(ids)
+    outputs: dict[str, Any] = {}
+    k = cfg.states_per_layer
+    for i in range(cfg.layers):
+        layer_states = states_in[i * k : (i + 1) * k]
+        x, *new_states = _rnn_layer(cfg, i, return_state=True)(x, initial_state=layer_states)
+        for name, s in zip(cfg.state_names()[i * k : (i + 1) * k], new_states, strict=True):
+            outputs[f"{name}_out"] = s
+    outputs["logits"] = keras.layers.Dense(cfg.vocab_size, name="logits")(x)
+    return keras.Model([ids, *states_in], outputs, name="char_rnn_step")
+
+
+def copy_weights(src: Any, dst: Any) -> None:
+    """Copy weights layer by layer, matched by name (dropout layers have none)."""
+    by_name = {layer.name: layer for layer in src.layers}
+    for layer in dst.layers:
+        if layer.weights and layer.name in by_name:
+            layer.set_weights(by_name[layer.name].get_weights())
+
+
+def count_parameters(model: Any) -> int:
+    return int(sum(int(w.numpy().size) if hasattr(w, "numpy") else int(w.size)
+                   for w in model.weights))
