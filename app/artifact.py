@@ -89,7 +89,8 @@ class ModelMetadata(_Strict):
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v != FORMAT_VERSION:
-            raise ValueError(f"format_version {v} is not supported (this service reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"format_version {v} is not supported (this service reads {FORMAT_VERSION})")
         return v
 
     @field_validator("vocab")
@@ -111,7 +112,8 @@ def read_metadata(model_dir: Path) -> ModelMetadata:
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing (every model folder needs a {METADATA_FILE})") from None
+        raise ArtifactError(
+            f"{path}: missing (every model folder needs a {METADATA_FILE})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: cannot be read: {exc}") from None
     try:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -52,11 +52,12 @@ class StepModel(Protocol):
 
     name: str
 
-    def zero_states(self, rows: int) -> object: ...
-    def select(self, states: object, rows: npt.NDArray[np.intp]) -> object: ...
-    def concat(self, parts: list[object]) -> object: ...
+    # States are opaque to the engine (host arrays or device buffers): typed Any on purpose.
+    def zero_states(self, rows: int) -> Any: ...
+    def select(self, states: Any, rows: npt.NDArray[np.intp]) -> Any: ...
+    def concat(self, parts: list[Any]) -> Any: ...
     def step(self, ids: npt.NDArray[np.int32],
-             states: object) -> tuple[npt.NDArray[np.float32], object]: ...
+             states: Any) -> tuple[npt.NDArray[np.float32], Any]: ...
 
 
 class EngineObserver(Protocol):
@@ -134,7 +135,7 @@ class Request:
             "total_ms": round((end - self.submitted_at) * 1e3, 3),
         }
 
-    async def wait(self, timeout: float | None = None) -> bool:
+    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait for news (new ids or the finish); False on timeout."""
         try:
             await asyncio.wait_for(self.updated.wait(), timeout)
@@ -151,7 +152,7 @@ class _Batch:
         self.model = model
         self.reqs: list[Request] = []
         self.logits = np.zeros((0, 0), np.float32)  # (B, V): next-id logits per row
-        self.states: object = model.zero_states(0)
+        self.states: Any = model.zero_states(0)
         self.temperature = np.zeros(0, np.float32)
         self.top_k = np.zeros(0, np.int64)
         self.top_p = np.zeros(0, np.float32)
@@ -163,7 +164,7 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.reqs)
 
-    def add(self, reqs: list[Request], logits: npt.NDArray[np.float32], states: object) -> None:
+    def add(self, reqs: list[Request], logits: npt.NDArray[np.float32], states: Any) -> None:
         p = [r.params for r in reqs]
         self.logits = logits if not self.reqs else np.concatenate([self.logits, logits])
         self.states = self.model.concat([self.states, states])
@@ -239,7 +240,9 @@ class Engine:
         if not self._accepting:
             raise EngineClosedError(f"model {self.model.name!r} is not accepting requests")
         with self._cv:
-            if len(self._waiting) >= self.max_queue:
+            # Full means every row busy and the queue full. Counting free rows too matters:
+            # under a burst the worker may not have admitted the last arrivals yet.
+            if len(self._waiting) + len(self._batch) >= self.max_batch + self.max_queue:
                 raise QueueFullError(self.model.name, len(self._waiting), self.retry_after_s)
             req = Request(params)
             self._waiting.append(req)
@@ -253,7 +256,8 @@ class Engine:
         """Stop admitting and wait up to grace_s for queued and running requests to end."""
         self.stop_admitting()
         deadline = time.perf_counter() + grace_s
-        while (self.waiting or self.active) and time.perf_counter() < deadline:
+        # Polling keeps the worker free of loop callbacks; 50 ms is nothing next to a drain.
+        while (self.waiting or self.active) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         return not (self.waiting or self.active)
 

@@ -16,7 +16,8 @@ IdArray = npt.NDArray[np.int64]
 def softmax(logits: npt.NDArray[np.floating], axis: int = -1) -> FloatArray:
     z = logits - np.max(logits, axis=axis, keepdims=True)
     e = np.exp(z)
-    return (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32, copy=False)
+    out: FloatArray = (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32, copy=False)
+    return out
 
 
 def sample_next(
@@ -37,7 +38,8 @@ def sample_next(
     greedy = np.argmax(logits, axis=-1)
     sampled_rows = temperature > 0
     if not np.any(sampled_rows):
-        return greedy.astype(np.int64)
+        only_greedy: IdArray = greedy.astype(np.int64)
+        return only_greedy
 
     t = np.where(sampled_rows, temperature, 1.0)[:, None]
     scaled = logits / t
@@ -64,4 +66,5 @@ def sample_next(
     drawn = np.minimum((cdf <= target).sum(axis=-1), vocab - 1)
     # Never land on a zero-probability id (possible only through rounding at the edges).
     drawn = np.where(probs[np.arange(len(drawn)), drawn] > 0, drawn, np.argmax(probs, axis=-1))
-    return np.where(sampled_rows, drawn, greedy).astype(np.int64)
+    ids: IdArray = np.where(sampled_rows, drawn, greedy).astype(np.int64)
+    return ids

@@ -174,7 +174,7 @@ class ModelService:
         primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
                                else vocab.chars[0])
         stops = []
-        for stop in body.stop or []:  # type: ignore[union-attr]
+        for stop in body.stop or []:
             text = stop.lower() if lower else stop
             if not vocab.unknown(text):  # a stop the model cannot spell can never occur
                 stops.append(tuple(int(i) for i in vocab.encode(text)))
@@ -214,7 +214,7 @@ class ModelService:
             ]
         return GenerateResponse(
             model=prep.served.model.name, text=text,
-            finish_reason=req.finish_reason or "cancelled",  # type: ignore[arg-type]
+            finish_reason=req.finish_reason or "cancelled",
             seed=prep.params.seed, seed_text=prep.seed_text, lowercased=prep.lowercased,
             usage=Usage(seed_chars=len(prep.seed_text), generated_chars=len(text)),
             timings=Timings(**req.timings()), error=req.error, details=details,

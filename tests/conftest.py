@@ -114,6 +114,6 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="module")
 def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tiny_models, tmp_path_factory.mktemp("srv") / "server.log",
-                       max_queue="8", max_batch="64")
+                       max_batch="64")
     yield srv
     stop_server(srv)

@@ -29,14 +29,16 @@ def test_windows_align_inputs_with_next_character_targets() -> None:
 def test_split_keeps_the_last_fraction_for_validation() -> None:
     ids = np.arange(100, dtype=np.int32)
     train, val = data.split(ids, 0.1)
-    assert np.array_equal(val, np.arange(90, 100)) and len(train) == 90
+    assert np.array_equal(val, np.arange(90, 100))
+    assert len(train) == 90
 
 
 def test_tf_dataset_yields_shifted_pairs() -> None:
     win = data.windows(np.arange(41, dtype=np.int32), seq_len=10)
     batches = list(data.dataset(win, batch_size=3, shuffle=False, seed=0))
     x, y = (np.asarray(t) for t in batches[0])
-    assert x.shape == (3, 10) and np.array_equal(y, x + 1)
+    assert x.shape == (3, 10)
+    assert np.array_equal(y, x + 1)
 
 
 def test_tiny_model_loss_falls(small_corpus: Path) -> None:
@@ -104,10 +106,12 @@ def test_cli_train_export_evaluate_sample(tiny_models: Path, small_corpus: Path)
     meta = read_metadata(model_dir)
     assert meta.parity["greedy_match"] is True
     assert float(meta.parity["max_abs_logits"]) <= 1e-4  # type: ignore[arg-type]
-    assert meta.onnx.ids_input == "ids" and [s.input for s in meta.onnx.states] == [
+    assert meta.onnx.ids_input == "ids"
+    assert [s.input for s in meta.onnx.states] == [
         "h0", "c0", "h1", "c1"]
-    assert meta.training["command"].startswith("python -m training train")  # type: ignore[union-attr]
-    assert meta.corpus.sha256 and meta.versions["tensorflow"]
+    assert str(meta.training["command"]).startswith("python -m training train")
+    assert meta.corpus.sha256
+    assert meta.versions["tensorflow"]
     for extra in ("loss.png", "samples.md", "log.csv"):
         assert (model_dir / extra).is_file()
     assert meta.validation is not None
@@ -138,7 +142,8 @@ def test_resume_refuses_a_corpus_with_another_vocabulary(tmp_path: Path, small_c
     res = run_cli("training", "train", str(other), "-o", str(run), "--resume", "--epochs", "2",
                   "--quiet")
     assert res.returncode == 2
-    assert "vocabulary differs" in res.stderr and "'€'" in res.stderr
+    assert "vocabulary differs" in res.stderr
+    assert "'€'" in res.stderr
 
     res = run_cli("training", "train", str(small_corpus), "-o", str(run), "--resume",
                   "--epochs", "2", "--steps-per-epoch", "2", "--sample-length", "5", "--quiet")
@@ -162,3 +167,22 @@ def test_help_explains_every_option() -> None:
         res = run_cli("training", cmd, "--help")
         assert res.returncode == 0
         assert "show this help" in res.stdout
+
+
+def test_bundled_shakespeare_meets_its_target_and_matches_evaluate(shakespeare_path: Path
+                                                                    ) -> None:
+    meta = read_metadata(Path("models/shakespeare"))
+    assert meta.validation is not None
+    assert meta.validation.loss_nats <= 1.60
+    res = run_cli("training", "evaluate", "models/shakespeare", str(shakespeare_path))
+    assert res.returncode == 0, res.stderr
+    printed = float(res.stdout.split(":")[1].split("nats")[0])
+    assert printed == pytest.approx(meta.validation.loss_nats, abs=1e-4)
+    assert meta.onnx.file == "model.onnx"
+    assert Path("models/shakespeare/model.onnx").stat().st_size < 15_000_000
+
+
+def test_bundled_nietzsche_is_lowercased() -> None:
+    meta = read_metadata(Path("models/nietzsche"))
+    assert meta.lowercase is True
+    assert not any(c.isupper() for c in meta.vocab)

@@ -20,7 +20,8 @@ def test_unknown_characters_are_named() -> None:
     with pytest.raises(UnknownCharactersError) as err:
         vocab.encode("abzyz")
     assert err.value.chars == ["z", "y"]
-    assert "'z'" in str(err.value) and "'y'" in str(err.value)
+    assert "'z'" in str(err.value)
+    assert "'y'" in str(err.value)
 
 
 def test_duplicates_and_multichar_entries_are_refused() -> None:

@@ -58,8 +58,8 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "export", help="export a checkpoint to models/<name>/ (ONNX + model.json), verified",
-        description="Convert RUN_DIR/best.weights.h5 to model.onnx with explicit input/output names "
-        "and dynamic batch and time, check it against Keras (logits and states within 1e-4, "
+        description="Convert RUN_DIR/best.weights.h5 to model.onnx with explicit input/output "
+        "names and dynamic batch and time, check it against Keras (logits and states within 1e-4, "
         "greedy decoding of 200 characters identical), evaluate it on the validation split and "
         "write model.json, the loss plot and samples. Any failed check fails the export.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

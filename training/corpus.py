@@ -64,7 +64,8 @@ def resolve(sources: list[str], cache_dir: Path | None = None) -> tuple[str, lis
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         known = ", ".join(sorted(NAMED_CORPORA))
-        raise CorpusError(f"corpus file(s) not found: {', '.join(missing)} (named corpora: {known})")
+        raise CorpusError(
+            f"corpus file(s) not found: {', '.join(missing)} (named corpora: {known})")
     name = paths[0].stem if len(paths) == 1 else "+".join(p.stem for p in paths)
     return name, paths
 
@@ -89,7 +90,7 @@ def load(sources: list[str], lowercase: bool = False, cache_dir: Path | None = N
 
 
 def sources_for(name: str, files: list[str]) -> list[str]:
-    """Where to re-read a model's corpus: its files if present, else its name if it is a named one."""
+    """Where to re-read a model's corpus: its files if present, else its name if a named one."""
     if files and all(Path(f).is_file() for f in files):
         return files
     if name in NAMED_CORPORA:

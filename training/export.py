@@ -7,6 +7,7 @@ built in a temporary folder and moved into place only when every check passes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -48,16 +49,15 @@ class ExportError(ValueError):
 
 
 def _tensorflow_on_cpu() -> Any:
-    """Import TensorFlow with the GPU hidden: on a GPU Keras emits cuDNN ops tf2onnx can't convert."""
+    """Import TensorFlow with the GPU hidden: Keras emits cuDNN ops there that tf2onnx rejects."""
     if "tensorflow" not in sys.modules:
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
 
-    try:
+    # RuntimeError: devices already initialised, and CUDA_VISIBLE_DEVICES covered it.
+    with contextlib.suppress(RuntimeError):
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # devices already initialised; CUDA_VISIBLE_DEVICES covered it
-        pass
     import keras
 
     if keras.backend.backend() != "tensorflow":
@@ -73,7 +73,7 @@ def _convert(twin: Any, cfg: ModelConfig, path: Path, opset: int) -> None:
         tf.TensorSpec([None, cfg.units], tf.float32, name=n) for n in cfg.state_names()
     ]
 
-    @tf.function(input_signature=spec)  # type: ignore[misc]
+    @tf.function(input_signature=spec)  # type: ignore[untyped-decorator]
     def step(ids: Any, *states: Any) -> Any:
         return twin([ids, *states], training=False)
 
@@ -193,7 +193,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
             "training": {**meta.training, **_training_summary(run_dir)},
         })
         write_metadata(work, meta)
-        _write_samples(work, model, seed_text)
+        _write_samples(work, name, model, seed_text)
         for extra in (PLOT_FILE, LOG_FILE):
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, work / extra)
@@ -226,10 +226,10 @@ def _training_summary(run_dir: Path) -> dict[str, object]:
             "best_val_loss_keras": round(float(best["val_loss"]), 4)}
 
 
-def _write_samples(folder: Path, model: OnnxModel, seed_text: str) -> None:
+def _write_samples(folder: Path, name: str, model: OnnxModel, seed_text: str) -> None:
     texts = generate(model.run_numpy, model.vocab, seed_text, SAMPLE_TEMPERATURES, SAMPLE_CHARS,
                      len(model.state_in), model.state_sizes[0], np.random.default_rng(42))
-    parts = [f"# Samples from `{model.name}`\n\nSeed (first 60 characters of the validation "
+    parts = [f"# Samples from `{name}`\n\nSeed (first 60 characters of the validation "
              f"text), then {SAMPLE_CHARS} sampled characters, numpy seed 42.\n"]
     for t, text in zip(SAMPLE_TEMPERATURES, texts, strict=True):
         parts.append(f"## temperature {t}\n\n```text\n{seed_text}{text}\n```\n")

@@ -21,7 +21,8 @@ from training.model import ModelConfig, build_inference_model, build_training_mo
 SAMPLE_TEMPERATURES = (0.2, 0.5, 1.0, 1.2)
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
-BEST_FILE = "best.weights.h5"  # weights only: small, backend-agnostic; export rebuilds from config.json
+# Best weights only: small and backend-agnostic; export rebuilds the model from config.json.
+BEST_FILE = "best.weights.h5"
 LAST_FILE = "last.keras"
 LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
@@ -112,7 +113,7 @@ class _EpochReport:
 
         report = self
 
-        class Report(keras.callbacks.Callback):
+        class Report(keras.callbacks.Callback):  # type: ignore[misc]
             def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 report.t0 = time.perf_counter()
 
@@ -154,8 +155,8 @@ class _EpochReport:
                      epoch=epoch)
 
     def write_samples(self, model: Any, epoch: int) -> None:
-        from training.keras_step import keras_step_fn
         from training.generate import generate
+        from training.keras_step import keras_step_fn
 
         twin = build_inference_model(self.cfg)
         copy_weights(model, twin)

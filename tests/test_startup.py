@@ -1,0 +1,87 @@
+"""Start-up: the bundled models serve as `make serve` starts them; bad artifacts are refused."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, start_server, stop_server
+
+
+def test_service_starts_with_the_bundled_models(tmp_path: Path) -> None:
+    srv = start_server(ROOT / "models", tmp_path / "server.log", default="shakespeare")
+    try:
+        with srv.client() as c:
+            names = {m["name"] for m in c.get("/models").json()["models"]}
+            assert names == {"shakespeare", "nietzsche"}
+            r = c.post("/generate", json={"seed_text": "ROMEO:", "max_new_chars": 50})
+            assert r.status_code == 200
+            assert r.json()["model"] == "shakespeare"
+            r = c.post("/generate", json={"model": "nietzsche", "seed_text": "The Will",
+                                          "max_new_chars": 20, "temperature": 0})
+            assert r.json()["seed_text"] == "the will"
+            assert r.json()["lowercased"] is True
+    finally:
+        stop_server(srv)
+    assert "shakespeare on CPUExecutionProvider" in srv.log()
+
+
+def start_expecting_failure(models: Path, default: str = "tiny") -> str:
+    env = {"CHARLSTM_MODELS_DIR": str(models), "CHARLSTM_DEFAULT_MODEL": default,
+           "CHARLSTM_PORT": "0"}
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, **env})
+    assert res.returncode == 2, res.stdout + res.stderr
+    return res.stderr
+
+
+@pytest.fixture
+def broken_copy(tiny_models: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "models"
+    shutil.copytree(tiny_models, target)
+    return target
+
+
+def test_truncated_onnx_file_is_refused_naming_the_file(broken_copy: Path) -> None:
+    onnx = broken_copy / "tiny" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:1000])
+    err = start_expecting_failure(broken_copy)
+    assert str(onnx) in err
+    assert "cannot load" in err
+    assert "Traceback" not in err
+
+
+def test_metadata_that_disagrees_with_the_graph_is_refused(broken_copy: Path) -> None:
+    meta = broken_copy / "tiny" / "model.json"
+    meta.write_text(meta.read_text().replace('"h0"', '"hidden0"'))
+    err = start_expecting_failure(broken_copy)
+    assert "graph does not match model.json" in err
+    assert str(broken_copy / "tiny" / "model.onnx") in err
+
+
+def test_vocabulary_with_duplicates_is_refused(broken_copy: Path) -> None:
+    import json
+
+    path = broken_copy / "tiny" / "model.json"
+    meta = json.loads(path.read_text())
+    meta["vocab"][1] = meta["vocab"][0]
+    path.write_text(json.dumps(meta))
+    err = start_expecting_failure(broken_copy)
+    assert str(path) in err
+    assert "duplicate" in err
+
+
+def test_missing_metadata_and_unknown_default_are_refused(broken_copy: Path) -> None:
+    (broken_copy / "tiny" / "model.json").unlink()
+    assert "model.json: missing" in start_expecting_failure(broken_copy)
+
+
+def test_unknown_default_model_is_refused(tiny_models: Path) -> None:
+    err = start_expecting_failure(tiny_models, default="nope")
+    assert "default model 'nope'" in err
