@@ -5,10 +5,11 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from app.errors import UnauthorizedError, error_body
@@ -98,6 +99,15 @@ async def list_models(svc: Svc) -> ModelList:
 @protected.get("/models/{name}", response_model=ModelDetail, tags=["models"])
 async def get_model(name: str, svc: Svc) -> ModelDetail:
     return svc.detail(svc.get(name))
+
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+@open_routes.get("/", include_in_schema=False)
+async def playground() -> FileResponse:
+    """The playground page (plain HTML/CSS/JS in app/static, no build step)."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
 @open_routes.get("/health", tags=["ops"], summary="Liveness: the process is up")
