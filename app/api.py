@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
-from app.errors import UnauthorizedError, error_body
+from app.errors import ClientGoneError, UnauthorizedError, error_body
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
 from app.service import ModelService, Prepared
 
@@ -47,6 +48,30 @@ protected = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPO
 open_routes = APIRouter()
 
 
+T = TypeVar("T")
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (a JSON reply has no stream
+    to fail on, so watch the connection for http.disconnect instead)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # service.run cancels the engine request on the way out
+    if task.cancelled():
+        raise ClientGoneError
+    return task.result()
+
+
 def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
     return body.stream or "text/event-stream" in (accept or "")
 
@@ -58,11 +83,11 @@ def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
         "description": "with stream=true: `data: {\"text\": ...}` per chunk, then "
                        "`event: done` with the same summary as the JSON reply"}}}},
 )
-async def generate(body: GenerateRequest, svc: Svc,
+async def generate(body: GenerateRequest, svc: Svc, request: Request,
                    accept: Annotated[str | None, Header()] = None) -> Response:
     prep = svc.prepare(body)
     if not wants_stream(body, accept):
-        result = await svc.run(prep)
+        result = await until_disconnected(request, svc.run(prep))
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))
     req = svc.submit(prep)  # 429 / 503 here, before the stream starts
     return StreamingResponse(

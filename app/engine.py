@@ -328,7 +328,8 @@ class Engine:
         except Exception as exc:  # onnxruntime errors are not a fixed type
             log.exception("prefill failed for %d request(s) on %s", len(group), self.model.name)
             for r in group:
-                self._finish(r, "error", f"model error during prefill: {exc}")
+                # The caller learns what failed; details (paths, internals) stay in the log.
+                self._finish(r, "error", f"model error during prefill ({type(exc).__name__})")
             return
         seconds = time.perf_counter() - t0
         for r in group:
@@ -392,7 +393,7 @@ class Engine:
         except Exception as exc:
             log.exception("decode step failed for a batch of %d on %s", len(b), self.model.name)
             for r in b.reqs:
-                self._finish(r, "error", f"model error during decoding: {exc}")
+                self._finish(r, "error", f"model error during decoding ({type(exc).__name__})")
             b.keep(np.zeros(0, np.intp))
             self._wake()
             return

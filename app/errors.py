@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class UnauthorizedError(ServiceError):
 
 class PayloadTooLargeError(ServiceError):
     status, type = 413, "payload_too_large"
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before its reply was ready; nobody is left to answer."""
 
 
 def error_body(type_: str, message: str) -> dict[str, Any]:
@@ -90,6 +94,11 @@ def install_handlers(app: FastAPI) -> None:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGoneError)
+    async def _gone(_: Request, exc: ClientGoneError) -> Response:
+        # 499 (nginx's "client closed request") shows up in access logs; no body is read.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

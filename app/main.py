@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app import api
+from app import api, openai_api
 from app.artifact import ArtifactError
 from app.errors import install_handlers
 from app.limits import BodyLimitMiddleware
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = svc
     install_handlers(app)
     app.include_router(api.protected)
+    app.include_router(openai_api.router)
     app.include_router(api.open_routes)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")
     if settings.cors_origins:

@@ -13,6 +13,35 @@ MAX_STOP_CHARS = 64
 FinishReason = Literal["length", "stop", "time_limit", "cancelled", "error"]
 
 
+def check_temperature(v: float) -> float:
+    if not math.isfinite(v) or not 0 <= v <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {v:g}")
+    return v
+
+
+def check_top_p(v: float) -> float:
+    if not math.isfinite(v) or not 0 < v <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {v:g}")
+    return v
+
+
+def check_seed(v: int | None) -> int | None:
+    if v is not None and not 0 <= v < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {v}")
+    return v
+
+
+def check_stops(v: list[str] | str | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
+    for s in stops:
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, "
+                             f"got {len(s)}")
+    return stops
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "shakespeare", "seed_text": "ROMEO:\n", "temperature": 0.5,
@@ -39,16 +68,12 @@ class GenerateRequest(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0 <= v <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {v:g}")
-        return v
+        return check_temperature(v)
 
     @field_validator("top_p")
     @classmethod
     def _top_p(cls, v: float) -> float:
-        if not math.isfinite(v) or not 0 < v <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {v:g}")
-        return v
+        return check_top_p(v)
 
     @field_validator("top_k")
     @classmethod
@@ -60,9 +85,7 @@ class GenerateRequest(BaseModel):
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {v}")
-        return v
+        return check_seed(v)
 
     @field_validator("max_new_chars")
     @classmethod
@@ -81,14 +104,7 @@ class GenerateRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: list[str] | str | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
-        for s in stops:
-            if not 1 <= len(s) <= MAX_STOP_CHARS:
-                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, "
-                                 f"got {len(s)}")
-        return stops
+        return check_stops(v)
 
 
 class Usage(BaseModel):

@@ -1,0 +1,69 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a real server."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_are_listed(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_completion_matches_generate_for_the_same_seed(client: openai.OpenAI,
+                                                       server: Server) -> None:
+    out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=60,
+                                    temperature=0.7, seed=11)
+    native = httpx.post(f"{server.url}/generate", json={
+        "model": "tiny", "seed_text": "ROMEO:", "max_new_chars": 60, "temperature": 0.7,
+        "seed": 11}).json()
+    assert out.choices[0].text == native["text"]
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert out.usage.completion_tokens == 60
+    assert out.usage.prompt_tokens == 6
+    assert out.object == "text_completion"
+
+
+def test_streaming_completion_joins_to_the_same_text(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "prompt": "KING:", "max_tokens": 80, "temperature": 1.0,
+              "seed": 3}
+    whole = client.completions.create(**kwargs).choices[0].text  # type: ignore[call-overload]
+    parts, finish = [], None
+    for ev in client.completions.create(stream=True, **kwargs):  # type: ignore[call-overload]
+        parts.append(ev.choices[0].text)
+        finish = ev.choices[0].finish_reason or finish
+    assert "".join(parts) == whole
+    assert finish == "length"
+
+
+def test_stop_and_logprobs(client: openai.OpenAI) -> None:
+    probe = client.completions.create(model="tiny", prompt="A", max_tokens=200,
+                                      temperature=0.9, seed=5).choices[0].text
+    stop = probe[50:52]
+    out = client.completions.create(model="tiny", prompt="A", max_tokens=200, temperature=0.9,
+                                    seed=5, stop=[stop], logprobs=3)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.text == probe[: probe.index(stop)]
+    assert choice.logprobs is not None
+    assert choice.logprobs.tokens == list(choice.text)
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs or [])
+    assert all(len(t) == 3 for t in choice.logprobs.top_logprobs or [])
+
+
+def test_errors_reach_the_client_typed(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="model 'nope' not found"):
+        client.completions.create(model="nope", prompt="A", max_tokens=5)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature must be in"):
+        client.completions.create(model="tiny", prompt="A", max_tokens=5, temperature=7)
+    with pytest.raises(openai.UnprocessableEntityError, match="n must be 1"):
+        client.completions.create(model="tiny", prompt="A", max_tokens=5, n=2)
