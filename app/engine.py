@@ -137,10 +137,13 @@ class Request:
 
     async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait for news (new ids or the finish); False on timeout."""
-        try:
-            await asyncio.wait_for(self.updated.wait(), timeout)
-        except TimeoutError:
-            return False
+        if not self.updated.is_set():
+            try:
+                # asyncio.timeout, not wait_for: no extra Task per wake-up on the hot path.
+                async with asyncio.timeout(timeout):
+                    await self.updated.wait()
+            except TimeoutError:
+                return False
         self.updated.clear()
         return True
 
@@ -196,9 +199,13 @@ class Engine:
     """Continuous batching for one model on one worker thread."""
 
     def __init__(self, model: StepModel, max_batch: int = 256, max_queue: int = 256,
-                 retry_after_s: int = 1, observer: EngineObserver | None = None) -> None:
+                 retry_after_s: int = 1, observer: EngineObserver | None = None,
+                 prefill_chunk_chars: int = 1024) -> None:
         self.model = model
         self.max_batch = max_batch
+        # Seed characters prefilled per engine iteration: running rows wait for every prefill
+        # call, so a burst of long seeds is admitted in slices instead of one long stall.
+        self.prefill_chunk_chars = prefill_chunk_chars
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self.observer = observer
@@ -295,9 +302,14 @@ class Engine:
         if room <= 0 or not self._waiting:
             return
         taken: list[Request] = []
+        chars = 0
         with self._cv:
             while self._waiting and len(taken) < room:
+                size = len(self._waiting[0].params.seed_ids)
+                if taken and chars + size > self.prefill_chunk_chars:
+                    break
                 taken.append(self._waiting.popleft())
+                chars += size
         now = time.perf_counter()
         live = []
         for r in taken:

@@ -33,38 +33,42 @@ def sample_next(
     temperature 0 is greedy argmax; otherwise ids are drawn from softmax(logits / T),
     which equals the reference notebooks' softmax(log(p) / T). top_k = 0 and top_p = 1
     switch those filters off. uniforms are in [0, 1).
+    This runs once per decode step on the hot path: each numpy call costs ~1-2 us at
+    small batches, so work that no row needs (greedy, filters) is skipped.
     """
-    logits = np.asarray(logits, dtype=np.float64)  # (B, V); float64 keeps tiny T stable
-    greedy = np.argmax(logits, axis=-1)
     sampled_rows = temperature > 0
-    if not np.any(sampled_rows):
+    any_greedy = not bool(np.all(sampled_rows))
+    greedy = np.argmax(logits, axis=-1) if any_greedy else None
+    if greedy is not None and not np.any(sampled_rows):
         only_greedy: IdArray = greedy.astype(np.int64)
         return only_greedy
 
-    t = np.where(sampled_rows, temperature, 1.0)[:, None]
-    scaled = logits / t
+    # float64: with T near 0, logits / T spans thousands and float32 exp loses the tail.
+    t = np.where(sampled_rows, temperature, 1.0)[:, None] if any_greedy else temperature[:, None]
+    scaled = np.asarray(logits, dtype=np.float64) / t
     scaled -= scaled.max(axis=-1, keepdims=True)
     probs = np.exp(scaled)  # (B, V), unnormalised
 
     vocab = logits.shape[-1]
     k = np.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    filter_rows = (k < vocab) | (top_p < 1.0)
-    if np.any(filter_rows):
+    if np.any(k < vocab) or np.any(top_p < 1.0):
         order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V), most likely first
         sorted_p = np.take_along_axis(probs, order, axis=-1)
-        cum = np.cumsum(sorted_p, axis=-1) / sorted_p.sum(axis=-1, keepdims=True)
+        sorted_p /= sorted_p.sum(axis=-1, keepdims=True)
+        mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
         rank = np.arange(vocab)[None, :]
         # Keep the first k, and the smallest prefix whose mass reaches top_p (always >= 1 id).
-        keep_sorted = (rank < k[:, None]) & ((cum - sorted_p / sorted_p.sum(-1, keepdims=True))
-                                             < top_p[:, None])
+        keep_sorted = (rank < k[:, None]) & (mass_before < top_p[:, None])
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, axis=-1)
         probs = np.where(keep, probs, 0.0)
 
     cdf = np.cumsum(probs, axis=-1)  # (B, V)
     target = np.asarray(uniforms, dtype=np.float64)[:, None] * cdf[:, -1:]
-    drawn = np.minimum((cdf <= target).sum(axis=-1), vocab - 1)
-    # Never land on a zero-probability id (possible only through rounding at the edges).
-    drawn = np.where(probs[np.arange(len(drawn)), drawn] > 0, drawn, np.argmax(probs, axis=-1))
-    ids: IdArray = np.where(sampled_rows, drawn, greedy).astype(np.int64)
+    drawn = (cdf <= target).sum(axis=-1)
+    # A zero-probability id can never satisfy cdf > target except when u * total rounds up to
+    # total; that lands past the end, where the likeliest id is the safe answer.
+    drawn = np.where(drawn < vocab, drawn, np.argmax(probs, axis=-1))
+    ids: IdArray = (np.where(sampled_rows, drawn, greedy) if greedy is not None
+                    else drawn).astype(np.int64)
     return ids

@@ -92,7 +92,8 @@ class ModelService:
             observer = self.metrics.observer(model.name)
             engine = Engine(model, max_batch=self.settings.max_batch,
                             max_queue=self.settings.max_queue,
-                            retry_after_s=self.settings.retry_after_s, observer=observer)
+                            retry_after_s=self.settings.retry_after_s, observer=observer,
+                            prefill_chunk_chars=self.settings.prefill_chunk_chars)
             self.models[model.name] = Served(model, engine, observer)
         if self.settings.default_model not in self.models:
             raise ArtifactError(

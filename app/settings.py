@@ -23,6 +23,9 @@ class Settings(BaseSettings):
         "a 2-core CPU, 0 lets onnxruntime use every core")
     max_batch: int = Field(256, ge=1, le=4096, description="active rows per model")
     max_queue: int = Field(256, ge=0, description="requests waiting per model before 429")
+    prefill_chunk_chars: int = Field(
+        1024, ge=1, description="seed characters prefilled per decode step; bounds the stall "
+        "a burst of new requests causes for running ones")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
     max_new_chars: int = Field(5000, ge=1, description="upper bound for max_new_chars")
     default_new_chars: int = Field(200, ge=1, description="max_new_chars when omitted")
