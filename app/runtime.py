@@ -127,11 +127,25 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels that the `gpu` extra installs, so no
+    LD_LIBRARY_PATH is needed; a system CUDA install is used when they are absent."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # best effort: the provider reports what is still missing
+            log.warning("could not preload CUDA libraries from site-packages: %s", exc)
+
+
 def choose_provider(device: str) -> str:
     providers = available_providers()
     if device == "cpu":
         return "CPUExecutionProvider"
     if "CUDAExecutionProvider" in providers:
+        _preload_cuda_libraries()
         return "CUDAExecutionProvider"
     if device == "cuda":
         raise ArtifactError(

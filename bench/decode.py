@@ -655,6 +655,9 @@ def measure_notebook(cfg: Config, model: OnnxModel) -> dict[str, Any]:
     arch = model.meta.architecture
     spec = {"chars": model.vocab.chars, "window": NOTEBOOK_WINDOW, "units": arch.units,
             "layers": arch.layers, "new_chars": cfg.notebook_chars}
+    if cfg.notebook_chars <= 0:  # e.g. a GPU host without TensorFlow
+        log("notebook loop: skipped (--notebook-chars 0)")
+        return {**spec, "skipped": True, "chars_per_s": None, "ms_per_char": None}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if cfg.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # keep TensorFlow on the device the rest used
@@ -764,11 +767,12 @@ def markdown(report: dict[str, Any]) -> str:
                    r["engine_over_raw"], r["http_stream_over_raw"], r["http_json_over_raw"]]
                   for r in rt["by_concurrency"]]),
         "",
-        f"Reference notebook loop (Keras `model.predict` per character, batch 1, "
-        f"{nb['layers']} x LSTM({nb['units']}), {nb['window']}-character one-hot window): "
-        f"**{nb['chars_per_s']:,.1f} chars/s** ({nb['ms_per_char']} ms per character). "
-        f"Service single stream / notebook loop: "
-        f"**{rt['service_single_stream_over_notebook'] or 0:,.0f}x**.",
+        (f"Reference notebook loop (Keras `model.predict` per character, batch 1, "
+         f"{nb['layers']} x LSTM({nb['units']}), {nb['window']}-character one-hot window): "
+         f"**{nb['chars_per_s']:,.1f} chars/s** ({nb['ms_per_char']} ms per character). "
+         f"Service single stream / notebook loop: "
+         f"**{rt['service_single_stream_over_notebook'] or 0:,.0f}x**.")
+        if nb["chars_per_s"] else "Reference notebook loop: not measured in this run.",
         "",
         "## Raw ceiling by batch size",
         "",
@@ -836,8 +840,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         rows = report[key]
         ax1.plot([r["concurrency"] for r in rows], [r["chars_per_s"] for r in rows], style,
                  label=label)
-    ax1.axhline(report["notebook"]["chars_per_s"], color="grey", linestyle=":",
-                label="notebook loop (batch 1)")
+    if report["notebook"]["chars_per_s"]:
+        ax1.axhline(report["notebook"]["chars_per_s"], color="grey", linestyle=":",
+                    label="notebook loop (batch 1)")
     ax1.set(yscale="log", ylabel="generated chars/s (all requests)", title="Throughput")
     level_axis(ax1, sorted({r["batch"] for r in raw}), "concurrent requests (raw: batch size)")
     ax1.legend(fontsize=8)
