@@ -205,6 +205,11 @@ def load_model(model_dir: Path, options: RuntimeOptions | None = None) -> OnnxMo
         session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise ArtifactError(f"{onnx_path}: onnxruntime cannot load it: {exc}") from None
+    if options.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime falls back to the CPU silently; a forced device must fail loudly instead.
+        raise ArtifactError(
+            f"{onnx_path}: device=cuda, but onnxruntime could not start its CUDA provider "
+            "(NVIDIA driver >= 580 for CUDA 13? GPU visible to this process?)")
     _check_graph(onnx_path, meta, session)
     model = OnnxModel(model_dir, meta, session, session.get_providers()[0])
     try:

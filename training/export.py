@@ -155,6 +155,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
     _, val_ids = data.split(vocab.encode(corpus.text), float(saved["val_fraction"]))
     models_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
+    work.chmod(0o755)  # mkdtemp makes it 0700; the service often runs as another user
     try:
         _convert(twin, cfg, work / ONNX_FILE, opset)
         meta = ModelMetadata(
