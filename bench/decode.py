@@ -953,9 +953,11 @@ def config(args: argparse.Namespace) -> Config:
         return base[name] if value is None else value
 
     concurrency = int_list(pick("concurrency"))
-    for name in ("seed_chars", "new_chars", "notebook_chars"):
+    for name in ("seed_chars", "new_chars"):
         if pick(name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if pick("notebook_chars") < 0:
+        raise SystemExit("--notebook-chars must be >= 0 (0 skips the notebook loop)")
     if not (args.model / "model.json").is_file():
         raise SystemExit(f"{args.model}: not a model folder (no model.json)")
     return Config(
