@@ -26,10 +26,10 @@ from app.errors import InvalidRequestError, error_body
 from app.schemas import (
     GenerateRequest,
     GenerateResponse,
-    check_seed,
-    check_stops,
-    check_temperature,
-    check_top_p,
+    Seed,
+    Stops,
+    Temperature,
+    TopP,
 )
 from app.service import ModelService, Prepared
 
@@ -50,35 +50,19 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str | list[str] = ""
     max_tokens: int | None = Field(16, description="characters to generate")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] | str | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    seed: Seed = None
+    stop: Stops = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     logprobs: int | None = Field(None, description="top alternatives per character, 0 to 5")
     echo: bool = False
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        return check_temperature(v)
 
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float) -> float:
-        return check_top_p(v)
 
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int | None) -> int | None:
-        return check_seed(v)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: list[str] | str | None) -> list[str]:
-        return check_stops(v)
 
     @field_validator("n")
     @classmethod

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEMPERATURE = 5.0
 MAX_STOPS = 8
@@ -42,6 +42,13 @@ def check_stops(v: list[str] | str | None) -> list[str]:
     return stops
 
 
+# Sampling fields shared by /generate and /v1/completions, validated the same way.
+Temperature = Annotated[float, AfterValidator(check_temperature)]
+TopP = Annotated[float, AfterValidator(check_top_p)]
+Seed = Annotated[int | None, AfterValidator(check_seed)]
+Stops = Annotated[list[str] | str | None, AfterValidator(check_stops)]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "shakespeare", "seed_text": "ROMEO:\n", "temperature": 0.5,
@@ -52,28 +59,20 @@ class GenerateRequest(BaseModel):
         "", max_length=100_000,
         description="text to continue. Empty starts a new passage: the model is primed with a "
         "newline that is not echoed back. Lowercased first for models trained on lowercase.")
-    temperature: float = Field(
+    temperature: Temperature = Field(
         1.0, description="0 is greedy (argmax); otherwise softmax(log(p) / T), in [0, 5]")
     max_new_chars: int | None = Field(None, description="characters to generate (1 to the limit)")
     top_k: int = Field(0, description="sample among the k likeliest characters; 0 is off")
-    top_p: float = Field(1.0, description="nucleus sampling mass in (0, 1]; 1 is off")
-    seed: int | None = Field(None, description="random seed for a reproducible reply")
-    stop: list[str] | str | None = Field(
+    top_p: TopP = Field(1.0, description="nucleus sampling mass in (0, 1]; 1 is off")
+    seed: Seed = Field(None, description="random seed for a reproducible reply")
+    stop: Stops = Field(
         None, description="stop string(s), never included in the reply; up to 8, 64 chars each")
     stream: bool = Field(False, description="reply with server-sent events")
     details: bool = Field(False, description="add each character's probability and the top "
                                              "alternatives")
     time_limit_s: float | None = Field(None, description="wall-time limit, at most the server's")
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        return check_temperature(v)
 
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float) -> float:
-        return check_top_p(v)
 
     @field_validator("top_k")
     @classmethod
@@ -82,10 +81,6 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"top_k must be >= 0 (0 switches it off), got {v}")
         return v
 
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int | None) -> int | None:
-        return check_seed(v)
 
     @field_validator("max_new_chars")
     @classmethod
@@ -101,10 +96,6 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"time_limit_s must be a positive number, got {v:g}")
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: list[str] | str | None) -> list[str]:
-        return check_stops(v)
 
 
 class Usage(BaseModel):
