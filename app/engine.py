@@ -114,6 +114,7 @@ class Request:
         self.finished_at: float | None = None
         self.prefill_s = 0.0
         self.matcher: StopMatcher[int] = StopMatcher(params.stop)
+        self._on_cancel: Callable[[], None] | None = None  # set by the engine at submit
 
     @property
     def done(self) -> bool:
@@ -122,6 +123,8 @@ class Request:
     def cancel(self) -> None:
         """Ask the worker to drop this row at its next step (safe from any thread)."""
         self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def timings(self) -> dict[str, float]:
         end = self.finished_at or time.perf_counter()
@@ -163,6 +166,10 @@ class _Batch:
         self.counters = np.zeros(0, np.uint64)
         self.remaining = np.zeros(0, np.int64)
         self.deadline = np.zeros(0, np.float64)
+        # Rows needing per-row Python work; most rows need none, so the hot loop skips them.
+        self.stop_rows: frozenset[int] = frozenset()
+        self.detail_rows: list[int] = []
+        self.fresh_rows: list[int] = []  # admitted since the last step: their first char is next
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -181,7 +188,14 @@ class _Batch:
         # The time limit runs from submission, so time spent queued counts against it.
         self.deadline = np.concatenate([self.deadline, np.array(
             [r.submitted_at + r.params.time_limit_s for r in reqs], np.float64)])
+        start = len(self.reqs)
         self.reqs.extend(reqs)
+        self.fresh_rows.extend(range(start, len(self.reqs)))
+        self._index_rows()
+
+    def _index_rows(self) -> None:
+        self.stop_rows = frozenset(i for i, r in enumerate(self.reqs) if r.matcher.stops)
+        self.detail_rows = [i for i, r in enumerate(self.reqs) if r.params.details]
 
     def keep(self, rows: npt.NDArray[np.intp]) -> None:
         self.reqs = [self.reqs[i] for i in rows]
@@ -193,6 +207,8 @@ class _Batch:
         for name in ("temperature", "top_k", "top_p", "keys", "counters", "remaining",
                      "deadline"):
             setattr(self, name, getattr(self, name)[rows])
+        self.fresh_rows = []  # keep() runs only after a step, which consumed them
+        self._index_rows()
 
 
 class Engine:
@@ -220,6 +236,7 @@ class Engine:
         self._dirty: set[Request] = set()
         self._dirty_lock = threading.Lock()
         self._flush_scheduled = False
+        self._cancel_seen = threading.Event()  # set by Request.cancel: scan rows next step
         self.steps = 0
         self.fault: Callable[[], None] | None = None  # test hook: raise inside a step
 
@@ -252,6 +269,7 @@ class Engine:
             if len(self._waiting) + len(self._batch) >= self.max_batch + self.max_queue:
                 raise QueueFullError(self.model.name, len(self._waiting), self.retry_after_s)
             req = Request(params)
+            req._on_cancel = self._cancel_seen.set
             self._waiting.append(req)
             self._cv.notify()
         return req
@@ -356,42 +374,49 @@ class Engine:
         nxt = sample_next(b.logits, b.temperature, b.top_k, b.top_p, u)  # (B,)
         b.counters += np.uint64(1)
         b.remaining -= 1
-        detail_rows = [i for i, r in enumerate(b.reqs) if r.params.details]
-        if detail_rows:
-            self._record_details(b, nxt, detail_rows)
+        if b.detail_rows:
+            self._record_details(b, nxt, b.detail_rows)
         now = time.perf_counter()
-        over_time = now >= b.deadline
-        ended: list[tuple[int, str]] = []
-        for i, (r, tok) in enumerate(zip(b.reqs, nxt.tolist(), strict=True)):
-            r.sampled += 1
-            if r.first_at is None:
-                r.first_at = now
-            if r.cancelled:
-                ended.append((i, "cancelled"))
-                continue
-            if r.matcher.stops:
-                emit, stopped = r.matcher.push(tok)
-                r.ids.extend(emit)
-                if stopped:
-                    ended.append((i, "stop"))
-                    continue
-            else:
+        for i in b.fresh_rows:
+            b.reqs[i].first_at = now
+        b.fresh_rows = []
+        reqs = b.reqs
+        toks = nxt.tolist()
+        ended: dict[int, str] = {}
+        # The per-row Python work is one append, except for rows with stop strings.
+        if b.stop_rows:
+            for i, (r, tok) in enumerate(zip(reqs, toks, strict=True)):
+                if i in b.stop_rows:
+                    emit, stopped = r.matcher.push(tok)
+                    r.ids.extend(emit)
+                    if stopped:
+                        ended[i] = "stop"
+                else:
+                    r.ids.append(tok)
+        else:
+            for r, tok in zip(reqs, toks, strict=True):
                 r.ids.append(tok)
-            if b.remaining[i] <= 0:
-                ended.append((i, "length"))
-            elif over_time[i]:
-                ended.append((i, "time_limit"))
+        if self._cancel_seen.is_set():
+            self._cancel_seen.clear()
+            for i, r in enumerate(reqs):
+                if r.cancelled:
+                    ended[i] = "cancelled"
+        for i in np.flatnonzero(b.remaining <= 0).tolist():
+            ended.setdefault(i, "length")
+        for i in np.flatnonzero(now >= b.deadline).tolist():
+            ended.setdefault(i, "time_limit")
         with self._dirty_lock:
-            self._dirty.update(b.reqs)
+            self._dirty.update(reqs)
         if ended:
-            gone = {i for i, _ in ended}
-            for i, reason in ended:
-                r = b.reqs[i]
+            for i, reason in ended.items():
+                r = reqs[i]
+                r.sampled = int(b.counters[i])
                 if reason in ("length", "time_limit"):
                     r.ids.extend(r.matcher.flush())
                 self._finish(r, reason)
-            b.keep(np.array([i for i in range(len(b.reqs)) if i not in gone], np.intp))
-            nxt = nxt[[i for i in range(len(nxt)) if i not in gone]]
+            keep = np.array([i for i in range(len(reqs)) if i not in ended], np.intp)
+            b.keep(keep)
+            nxt = nxt[keep]
             if self.observer:
                 self.observer.on_queue(len(self._waiting), len(b))
         self._wake()
