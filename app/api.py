@@ -85,8 +85,9 @@ def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
 )
 async def generate(body: GenerateRequest, svc: Svc, request: Request,
                    accept: Annotated[str | None, Header()] = None) -> Response:
-    prep = svc.prepare(body)
-    if not wants_stream(body, accept):
+    stream = wants_stream(body, accept)
+    prep = svc.prepare(body, stream)
+    if not stream:
         result = await until_disconnected(request, svc.run(prep))
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))
     req = svc.submit(prep)  # 429 / 503 here, before the stream starts

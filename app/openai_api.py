@@ -141,7 +141,7 @@ async def list_models(svc: Svc) -> ModelCardList:
 @router.post("/completions", summary="OpenAI-compatible text completion (a token is a character)")
 async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Response:
     native = body.to_generate()
-    prep = svc.prepare(native)
+    prep = svc.prepare(native, body.stream)
     cid = f"cmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:

@@ -153,7 +153,7 @@ class ModelService:
         )
 
     # --- generation -----------------------------------------------------------------------
-    def prepare(self, body: GenerateRequest) -> Prepared:
+    def prepare(self, body: GenerateRequest, stream: bool = False) -> Prepared:
         served = self.get(body.model)
         s = self.settings
         vocab = served.model.vocab
@@ -184,7 +184,7 @@ class ModelService:
             seed_ids=vocab.encode(primer), max_new=max_new, temperature=body.temperature,
             top_k=body.top_k, top_p=body.top_p,
             seed=body.seed if body.seed is not None else secrets.randbits(63),
-            stop=stops, time_limit_s=time_limit, details=body.details,
+            stop=stops, time_limit_s=time_limit, details=body.details, stream=stream,
         )
         return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
 

@@ -63,7 +63,7 @@ def test_cancel_frees_the_row_within_one_step() -> None:
         engine = Engine(model)
         engine.start()
         try:
-            req = engine.submit(params([0], max_new=10**9, temperature=0.0))
+            req = engine.submit(params([0], max_new=10**9, temperature=0.0, stream=True))
             while len(req.ids) < 5:
                 await req.wait(5)
             calls_at_cancel = model.calls
