@@ -107,6 +107,7 @@ class _EpochReport:
         self.val_ids, self.train_chars = val_ids, train_chars
         self.rng = np.random.default_rng(opts.seed)
         self.t0 = 0.0
+        self.t_train = 0.0
 
     def make_callbacks(self, initial_best: float) -> list[Any]:
         import keras
@@ -116,6 +117,12 @@ class _EpochReport:
         class Report(keras.callbacks.Callback):  # type: ignore[misc]
             def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 report.t0 = time.perf_counter()
+                report.t_train = 0.0
+
+            def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+                # fit() validates inside the epoch; chars/s should count training time only.
+                if report.t_train == 0.0:
+                    report.t_train = time.perf_counter() - report.t0
 
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 report.epoch_end(self.model, epoch, logs if logs is not None else {})
@@ -138,7 +145,7 @@ class _EpochReport:
         ]
 
     def epoch_end(self, model: Any, epoch: int, logs: dict[str, Any]) -> None:
-        seconds = time.perf_counter() - self.t0
+        seconds = self.t_train or (time.perf_counter() - self.t0)
         logs["bpc"] = float(logs["loss"]) / math.log(2)
         logs["val_bpc"] = float(logs["val_loss"]) / math.log(2)
         logs["chars_per_s"] = self.train_chars / max(seconds, 1e-9)
