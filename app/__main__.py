@@ -57,7 +57,11 @@ def main() -> int:
     svc.models.clear()  # lifespan loads them again inside the server's event loop
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), proxy_headers=True,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            # Longer than client pools (httpx 5 s) and load balancers (often
+                            # 60 s) keep idle connections, so the server is never the side that
+                            # closes one just as a request is sent on it.
+                            timeout_keep_alive=75)
     server = DrainingServer(config, svc, settings.drain_s)
     print(f"serving {settings.models_dir}/ at http://{settings.host}:{settings.port}/ "
           f"(API docs at /docs)", flush=True)

@@ -47,6 +47,9 @@ class PayloadTooLargeError(ServiceError):
     status, type = 413, "payload_too_large"
 
 
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 class ClientGoneError(Exception):
     """The client disconnected before its reply was ready; nobody is left to answer."""
 
@@ -91,6 +94,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+            # FastAPI's body reader fails this way on bytes json.loads cannot decode.
+            return JSONResponse(error_body(
+                "invalid_request", "request body is not valid JSON in UTF-8"), status_code=422)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

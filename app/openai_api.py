@@ -45,7 +45,7 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(BaseModel):
     # OpenAI clients send fields this service has no use for (user, penalties...): ignore those.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str | list[str] = ""
@@ -138,7 +138,13 @@ async def list_models(svc: Svc) -> ModelCardList:
                                for name, s in sorted(svc.models.items())])
 
 
-@router.post("/completions", summary="OpenAI-compatible text completion (a token is a character)")
+@router.post(
+    "/completions", summary="OpenAI-compatible text completion (a token is a character)",
+    responses={200: {"content": {
+        "application/json": {"schema": {"type": "object"}},
+        "text/event-stream": {"schema": {"type": "string"}, "description":
+                              "with stream=true: `data: {...}` chunks, then `data: [DONE]`"}}}},
+)
 async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Response:
     native = body.to_generate()
     prep = svc.prepare(native, body.stream)

@@ -50,7 +50,8 @@ Stops = Annotated[list[str] | str | None, AfterValidator(check_stops)]
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    # strict: false is not a temperature and "3" is not a count; JSON types must match.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{
         "model": "shakespeare", "seed_text": "ROMEO:\n", "temperature": 0.5,
         "max_new_chars": 200, "seed": 42, "stop": ["\n\n"], "stream": False}]})
 

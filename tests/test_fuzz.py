@@ -23,7 +23,6 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase
 from hypothesis import strategies as st
-from pydantic import BaseModel, ValidationError
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -34,8 +33,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.openai_api import CompletionRequest
-from app.schemas import GenerateRequest
 from tests.conftest import FULL, Server, start_server, stop_server
 
 # Requests per operation; only POST /generate and /v1/completions can be sent invalid inputs.
@@ -111,46 +108,6 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           error_bodies_have_the_error_shape, streams_end_with_their_terminal_event]
 
 
-# Known bugs, each pinned by an xfail(strict=True) test at the end of this file. The sweep skips
-# only the one check each of them fails, counts them, and checks the rest of the reply.
-NOT_UTF8_DETAIL = "There was an error parsing the body"
-
-
-def known_issue(case: Any, response: Any, mode: GenerationMode) -> tuple[str, Any] | None:
-    """(what, the check it fails) when a reply shows a known bug."""
-    sent = response.request.body
-    if (response.status_code == 400 and isinstance(sent, bytes)
-            and NOT_UTF8_DETAIL in response.content.decode(errors="replace")):
-        try:
-            sent.decode("utf-8")
-        except UnicodeDecodeError:
-            return "non-UTF-8 body gets 400", status_code_conformance
-    content_type = (response.headers.get("content-type") or [""])[0]
-    if case.path == "/v1/completions" and content_type.startswith("text/event-stream"):
-        return "/v1/completions stream undocumented", content_type_conformance
-    if (mode == GenerationMode.NEGATIVE and response.status_code < 400
-            and accepted_only_by_lax_coercion(case)):
-        return "wrong JSON type accepted", negative_data_rejection
-    return None
-
-
-BODY_MODELS: dict[str, type[BaseModel]] = {
-    "/generate": GenerateRequest, "/v1/completions": CompletionRequest}
-
-
-def accepted_only_by_lax_coercion(case: Any) -> bool:
-    """The body passed only because pydantic's lax mode turned `false` or `"0.5"` into a
-    number (or "yes" into true): strict validation of the same body refuses it."""
-    model = BODY_MODELS.get(case.path)
-    if model is None or not isinstance(case.body, dict):
-        return False
-    try:
-        model.model_validate(case.body, strict=True)
-    except ValidationError:
-        return True
-    return False
-
-
 # --- steering some valid cases past the range checks to the engine ------------------------------
 # The validators check ranges the schema does not state (temperature in [0, 5], top_p in (0, 1],
 # max_new_chars <= the server's limit, characters of the vocabulary), so almost every generated
@@ -188,7 +145,7 @@ def steer(body: dict[str, Any], vocab: str) -> dict[str, Any]:
 
 # --- the sweep -------------------------------------------------------------------------------
 def run_operation(operation: Any, mode: GenerationMode, vocab: str, session: requests.Session,
-                  sent: Counter[str], known: Counter[str]) -> None:
+                  sent: Counter[str]) -> None:
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode), steered=st.booleans())
     @hypothesis.settings(max_examples=CASES[mode], deadline=None, database=None,
                          suppress_health_check=list(HealthCheck),
@@ -198,11 +155,7 @@ def run_operation(operation: Any, mode: GenerationMode, vocab: str, session: req
             case.body = steer(case.body, vocab)
         response = case.call(session=session, timeout=TIME_LIMIT_S + 20)
         sent[operation.label] += 1
-        issue = known_issue(case, response, mode)
-        if issue is not None:
-            known[issue[0]] += 1
-        case.validate_response(response, checks=CHECKS,
-                               excluded_checks=[issue[1]] if issue else None)
+        case.validate_response(response, checks=CHECKS)
 
     one()
 
@@ -213,7 +166,6 @@ def test_every_operation_answers_within_its_schema(api_schema: Any, vocab: str,
                                                    fuzz_server: Server,
                                                    mode: GenerationMode) -> None:
     sent: Counter[str] = Counter()
-    known: Counter[str] = Counter()
     failures: list[str] = []
     labels = []
     with requests.Session() as session:
@@ -221,15 +173,14 @@ def test_every_operation_answers_within_its_schema(api_schema: Any, vocab: str,
             operation = result.ok()
             labels.append(operation.label)
             try:
-                run_operation(operation, mode, vocab, session, sent, known)
+                run_operation(operation, mode, vocab, session, sent)
             except hypothesis.errors.Unsatisfiable:
                 # Nothing to make invalid: no body and no parameter beyond free-form strings.
                 if mode == GenerationMode.POSITIVE or operation.label in OPERATIONS_WITH_INPUT:
                     raise
             except BaseException as exc:  # schemathesis' FailureGroup is a BaseExceptionGroup
                 failures.append(f"{operation.label}:\n{exc}")
-    print(f"\n{mode.value}: {sum(sent.values())} requests {dict(sent)}; "
-          f"known bugs met: {dict(known)}")
+    print(f"\n{mode.value}: {sum(sent.values())} requests {dict(sent)}")
     assert {"POST /generate", "GET /models", "GET /models/{name}", "GET /health", "GET /ready",
             "GET /metrics"} <= set(labels)
     assert not failures, "\n\n".join(failures)
@@ -250,9 +201,6 @@ def test_steered_cases_reach_the_engine(fuzz_server: Server, vocab: str) -> None
     assert "event: done" in r.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a JSON body that is not UTF-8 gets FastAPI's 400 "
-                   "'There was an error parsing the body' (undocumented, type http_error) "
-                   "instead of 422 invalid_request")
 @pytest.mark.parametrize("raw", [b"\xff", b'{"seed_text": "\xe9"}'])
 def test_a_body_that_is_not_utf8_gets_422(fuzz_server: Server, raw: bytes) -> None:
     r = httpx.post(f"{fuzz_server.url}/generate", content=raw,
@@ -262,17 +210,12 @@ def test_a_body_that_is_not_utf8_gets_422(fuzz_server: Server, raw: bytes) -> No
 
 
 
-@pytest.mark.xfail(strict=True, reason="bug: POST /v1/completions with stream=true answers "
-                   "text/event-stream, but its OpenAPI entry documents only application/json")
 def test_streamed_completions_are_documented(fuzz_server: Server) -> None:
     schema = httpx.get(f"{fuzz_server.url}/openapi.json", timeout=30).json()
     assert "text/event-stream" in (
         schema["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: request bodies are validated in pydantic's lax "
-                   "mode, so booleans and numeric strings pass where the schema says number, "
-                   "integer or boolean ({\"temperature\": false} generates greedily)")
 @pytest.mark.parametrize("body", [{"temperature": False}, {"temperature": "0.5"},
                                   {"top_k": True}, {"max_new_chars": "3"}, {"stream": "yes"}],
                          ids=["bool-temperature", "string-temperature", "bool-top_k",

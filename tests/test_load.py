@@ -117,15 +117,11 @@ async def stream(client: httpx.AsyncClient, payload: dict[str, Any]) -> Stream:
 
 
 def async_client(server: Server) -> httpx.AsyncClient:
-    # keepalive_expiry below the server's keep-alive timeout (uvicorn's 5 s): with both at 5 s a
-    # pooled connection is sometimes reused just as the server closes it, and the request dies
-    # with a reset (in about one 15 s soak out of five). That race is a finding of its own,
-    # pinned by test_idle_keep_alive_connections_outlive_client_pools; here it would only
-    # hide what the soak is for.
+    # httpx's default keepalive_expiry (5 s) is below the server's keep-alive timeout (75 s),
+    # so the client always drops an idle connection first (see the keep-alive test below).
     return httpx.AsyncClient(base_url=server.url, timeout=60,
                              limits=httpx.Limits(max_connections=512,
-                                                 max_keepalive_connections=512,
-                                                 keepalive_expiry=2.0))
+                                                 max_keepalive_connections=512))
 
 
 @pytest.fixture(scope="module")
@@ -474,10 +470,6 @@ def test_a_slow_reader_neither_slows_the_others_nor_loses_text(load_server: Serv
 
 
 # --- keep-alive -----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="bug: uvicorn's default keep-alive timeout (5 s) is not "
-                   "longer than client pools' (httpx: 5 s, nginx upstream: 60 s), so a reused "
-                   "connection can be reset under a POST; app/__main__.py should set "
-                   "timeout_keep_alive well above them")
 def test_idle_keep_alive_connections_outlive_client_pools(load_server: Server) -> None:
     port = int(load_server.url.rsplit(":", 1)[1])
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
