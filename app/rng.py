@@ -28,8 +28,20 @@ def row_keys(seeds: npt.ArrayLike) -> U64:
         return _mix(np.asarray(seeds, dtype=np.uint64) + _GOLDEN)
 
 
+_MASK = (1 << 64) - 1
+
+
+def _mix_int(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
 def uniforms(keys: U64, counters: U64) -> npt.NDArray[np.float64]:
     """One float in [0, 1) per row for draw number `counters` of stream `keys`."""
+    if keys.shape[0] == 1:  # a single stream: Python ints beat ten numpy calls, same bits
+        z = _mix_int((int(keys[0]) + (int(counters[0]) + 1) * 0x9E3779B97F4A7C15) & _MASK)
+        return np.array([(z >> 11) * (1.0 / (1 << 53))])
     with np.errstate(over="ignore"):
         z = _mix(keys + (counters + np.uint64(1)) * _GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
