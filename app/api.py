@@ -22,7 +22,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def service(request: Request) -> ModelService:
+async def service(request: Request) -> ModelService:
+    # async on purpose: FastAPI runs a sync dependency on a worker thread, once per request.
     svc: ModelService = request.app.state.service
     return svc
 

@@ -468,9 +468,9 @@ class Engine:
 
     # Each wake-up costs the event loop ~tens of µs per stream woken (format and write one
     # SSE event), and the loop shares the GIL with this worker. Waking at most every
-    # 100 µs x streams (capped at 20 ms) keeps that cost a bounded share of the time: one
+    # 250 µs x streams (capped at 20 ms) keeps that cost a bounded share of the time: one
     # character per event for a few streams, several per event when many are running.
-    WAKE_S_PER_STREAM = 100e-6
+    WAKE_S_PER_STREAM = 250e-6
     MAX_WAKE_INTERVAL_S = 0.02
 
     def _wake(self, force: bool = False) -> None:
