@@ -142,7 +142,7 @@ async def list_models(svc: Svc) -> ModelCardList:
     "/completions", summary="OpenAI-compatible text completion (a token is a character)",
     responses={200: {"content": {
         "application/json": {"schema": {"type": "object"}},
-        "text/event-stream": {"schema": {"type": "string"}, "description":
+        "text/event-stream": {"description":
                               "with stream=true: `data: {...}` chunks, then `data: [DONE]`"}}}},
 )
 async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Response:
