@@ -243,7 +243,6 @@ class Engine:
         self._flush_scheduled = False
         self._last_wake = 0.0
         self._cancel_seen = threading.Event()  # set by Request.cancel: scan rows next step
-        self.steps = 0
         self.fault: Callable[[], None] | None = None  # test hook: raise inside a step
 
     # --- event-loop side ----------------------------------------------------------------
@@ -443,7 +442,6 @@ class Engine:
             self._wake()
             return
         b.logits = logits[:, -1, :]
-        self.steps += 1
         if self.observer:
             self.observer.on_step(len(b), time.perf_counter() - t0)
 

@@ -60,7 +60,9 @@ def sample_next(
         mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
         rank = np.arange(vocab)[None, :]
         # Keep the first k, and the smallest prefix whose mass reaches top_p (always >= 1 id).
-        keep_sorted = (rank < k[:, None]) & (mass_before < top_p[:, None])
+        # top_p >= 1 keeps everything: mass_before can round up to 1.0 in a long tail.
+        keep_sorted = (rank < k[:, None]) & ((mass_before < top_p[:, None])
+                                             | (top_p[:, None] >= 1.0))
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, axis=-1)
         probs = np.where(keep, probs, 0.0)

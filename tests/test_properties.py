@@ -320,3 +320,12 @@ def test_unknown_characters_are_named_in_order_of_appearance(
         assert repr(c) in str(err.value)
     if len(unknown) > 20:
         assert f"and {len(unknown) - 20} more" in str(err.value)
+
+
+def test_top_p_of_one_keeps_the_far_tail_in_a_mixed_batch() -> None:
+    """Found by the 2000-example run: beside a row with top_p < 1, a row with top_p = 1 lost
+    ids whose preceding mass rounded to 1.0, so it sampled differently than alone."""
+    batch = Batch(logits=np.array([[0, 19], [0, 0]], np.float32),
+                  temperature=np.array([0.5, 0], np.float32), top_k=np.array([0, 0]),
+                  top_p=np.array([1, 0.5], np.float32), uniforms=np.array([0.0, 0.0]))
+    assert batch.sample()[0] == batch.row(0).sample()[0] == 0
