@@ -148,6 +148,7 @@ def run_operation(operation: Any, mode: GenerationMode, vocab: str, session: req
                   sent: Counter[str]) -> None:
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode), steered=st.booleans())
     @hypothesis.settings(max_examples=CASES[mode], deadline=None, database=None,
+                         derandomize=not FULL,
                          suppress_health_check=list(HealthCheck),
                          phases=[Phase.explicit, Phase.generate, Phase.shrink])
     def one(case: Any, steered: bool) -> None:

@@ -8,6 +8,7 @@ Default: a 15 s soak. CHARLSTM_FULL=1: a 2-minute soak.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import platform
@@ -472,10 +473,18 @@ def test_a_slow_reader_neither_slows_the_others_nor_loses_text(load_server: Serv
 # --- keep-alive -----------------------------------------------------------------------------------
 def test_idle_keep_alive_connections_outlive_client_pools(load_server: Server) -> None:
     port = int(load_server.url.rsplit(":", 1)[1])
-    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    # http.client reads each reply whole (a raw recv may stop between headers and body) and,
+    # unlike a pool, never reconnects silently: a closed connection fails the second request.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        assert first.status == 200
+        first.read()
         time.sleep(5.5)  # idle a little longer than httpx keeps a pooled connection
-        sock.sendall(request)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        conn.request("GET", "/health")
+        second = conn.getresponse()
+        assert second.status == 200
+        assert second.read() == b'{"status":"ok"}'
+    finally:
+        conn.close()
