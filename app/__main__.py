@@ -50,11 +50,10 @@ def main() -> int:
     app = create_app(settings)
     svc: ModelService = app.state.service
     try:
-        svc.load()  # fail fast with a one-line reason, before uvicorn starts
+        svc.load()  # fail fast with a one-line reason, before uvicorn starts; lifespan reuses it
     except ArtifactError as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return 2
-    svc.models.clear()  # lifespan loads them again inside the server's event loop
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), proxy_headers=True,
                             timeout_graceful_shutdown=5,

@@ -84,7 +84,10 @@ class ModelService:
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
-        """Load every model folder (validate, check graph, warm up). Any failure stops start-up."""
+        """Load every model folder (validate, check graph, warm up). Any failure stops start-up.
+        Loading twice is a no-op: `python -m app` loads before uvicorn, then lifespan calls this."""
+        if self.models:
+            return
         opts = RuntimeOptions(device=self.settings.device,
                               intra_op_threads=self.settings.intra_op_threads)
         for folder in discover(self.settings.models_dir):

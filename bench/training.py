@@ -42,8 +42,10 @@ import numpy as np
 import numpy.typing as npt
 
 from app.vocab import Vocabulary
+from bench.common import result_stem, write_json
 from training import corpus as corpus_mod
 from training import data
+from training.evaluate import nll_sum
 from training.model import ModelConfig, build_training_model, count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,15 +168,6 @@ def load_split(corpus: str, max_chars: int | None) -> tuple[Split, dict[str, Any
              "train_characters": len(train_ids), "val_characters": len(val_ids),
              "vocab_size": len(vocab)}
     return Split(train_ids, val_ids, len(vocab)), facts
-
-
-def nll_sum(logits: npt.NDArray[Any], targets: npt.NDArray[Any]) -> float:
-    """Summed next-character cross-entropy (nats) of logits (..., V) for int targets (...)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=-1))
-    picked = np.take_along_axis(z, np.asarray(targets, np.int64)[..., None], axis=-1)[..., 0]
-    return float((log_norm - picked).sum())
 
 
 def context_starts(n_ids: int, context: int, stride: int) -> npt.NDArray[np.int64]:
@@ -385,9 +378,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable), {m['processor']}, "
         f"{m['platform']}; Python {m['python']}, TensorFlow {m['tensorflow']}, Keras "
-        f"{m['keras']}, numpy {m['numpy']}. **Shared with other engineers' jobs while this "
-        f"ran**: load average (1/5/15 min) {_load(report['load_before'])} before, "
-        f"{_load(report['load_after'])} after; per scheme below.",
+        f"{m['keras']}, numpy {m['numpy']}. Load average (1/5/15 min) "
+        f"{_load(report['load_before'])} before, {_load(report['load_after'])} after; per "
+        "scheme below (other work on the machine slows every scheme: read the ratios).",
         "",
         "| scheme | params | target chars/s | input chars/s | target chars/s vs notebook "
         "| val loss after budget, nats/char (bits) | vs notebook | val loss on the notebook's "
@@ -473,15 +466,14 @@ def run(budget_s: float, corpus: str, quick: bool, out: Path, val_stride: int,
         "warmup_steps": WARMUP_STEPS,
         "corpus": corpus_facts,
         "machine": machine,
-        "shared_machine": "other engineers' jobs ran on this machine at the same time",
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "schemes": [asdict(r) for r in results],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"training-{machine['hostname']}-{day:%Y%m%d}{'-quick' if quick else ''}"
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    stem = result_stem(out, "training", "-quick" if quick else "")
+    # Not with_suffix: a dotted host name would lose its last part.
+    json_path, md_path = (stem.parent / f"{stem.name}.{ext}" for ext in ("json", "md"))
+    write_json(json_path, report)
     md_path.write_text(render_markdown(json.loads(json_path.read_text())))
     return json_path, md_path
 

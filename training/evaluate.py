@@ -25,6 +25,15 @@ class Score:
         return self.loss_nats / math.log(2)
 
 
+def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed next-character cross-entropy (nats) of logits (..., V) for int targets (...)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=-1))
+    picked = np.take_along_axis(z, np.asarray(targets, np.int64)[..., None], axis=-1)[..., 0]
+    return float((log_norm - picked).sum())
+
+
 def cross_entropy(model: OnnxModel, ids: np.ndarray, window: int, batch: int = 128) -> Score:
     """Mean next-character cross-entropy over windows of `window` targets from a zero state.
 
@@ -36,12 +45,8 @@ def cross_entropy(model: OnnxModel, ids: np.ndarray, window: int, batch: int = 1
         chunk = win[start : start + batch]
         zeros = [np.zeros((len(chunk), n), np.float32) for n in model.state_sizes]
         logits, _ = model.run_numpy(chunk[:, :-1], zeros)  # (B, T, V)
-        z = logits.astype(np.float64)
-        z -= z.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=-1))
-        picked = np.take_along_axis(z, chunk[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
-        total += float((log_norm - picked).sum())
-        count += int(picked.size)
+        total += nll_sum(logits, chunk[:, 1:])
+        count += int(chunk[:, 1:].size)
     return Score(total / count, count, window)
 
 

@@ -38,7 +38,7 @@ from training import data
 from training.evaluate import cross_entropy
 from training.generate import generate
 from training.model import ModelConfig, build_inference_model, build_training_model, copy_weights
-from training.train import CONFIG_FILE, LOG_FILE, PLOT_FILE, SAMPLE_TEMPERATURES
+from training.train import CONFIG_FILE, LOG_FILE, PLOT_FILE, SAMPLE_TEMPERATURES, read_log
 
 GREEDY_CHARS = 200
 SAMPLE_CHARS = 400
@@ -213,13 +213,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
 
 
 def _training_summary(run_dir: Path) -> dict[str, object]:
-    import csv
-
-    log_path = run_dir / LOG_FILE
-    if not log_path.is_file():
-        return {}
-    with log_path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_log(run_dir / LOG_FILE)
     if not rows:
         return {}
     best = min(rows, key=lambda r: float(r["val_loss"]))

@@ -182,20 +182,25 @@ class _EpochReport:
             f.write(block)
 
 
-def plot_history(csv_path: Path, png_path: Path, extra: dict[str, Any], epoch: int) -> None:
-    """Loss curves (nats/char) from the CSV log plus the epoch not yet flushed to it."""
+def read_log(csv_path: Path) -> list[dict[str, str]]:
+    """Rows of a run's log.csv (CSVLogger), oldest first; none if there is no log yet."""
     import csv
 
+    if not csv_path.exists():
+        return []
+    with csv_path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def plot_history(csv_path: Path, png_path: Path, extra: dict[str, Any], epoch: int) -> None:
+    """Loss curves (nats/char) from the CSV log plus the epoch not yet flushed to it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows: dict[int, tuple[float, float]] = {}
-    if csv_path.exists():
-        with csv_path.open() as f:
-            for r in csv.DictReader(f):
-                rows[int(r["epoch"])] = (float(r["loss"]), float(r["val_loss"]))
+    rows = {int(r["epoch"]): (float(r["loss"]), float(r["val_loss"]))
+            for r in read_log(csv_path)}
     rows[epoch] = (float(extra["loss"]), float(extra["val_loss"]))
     epochs = sorted(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -212,12 +217,7 @@ def plot_history(csv_path: Path, png_path: Path, extra: dict[str, Any], epoch: i
 
 
 def _best_so_far(csv_path: Path) -> float:
-    import csv
-
-    if not csv_path.exists():
-        return math.inf
-    with csv_path.open() as f:
-        return min((float(r["val_loss"]) for r in csv.DictReader(f)), default=math.inf)
+    return min((float(r["val_loss"]) for r in read_log(csv_path)), default=math.inf)
 
 
 def train(opts: TrainOptions) -> Path:
