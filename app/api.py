@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Coroutine
@@ -67,7 +68,12 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()  # service.run cancels the engine request on the way out
+            # service.run cancels the engine request on the way out; awaiting it here means
+            # the row is flagged before this handler returns, and no result is read from a
+            # task that never produced one.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if task.cancelled():
         raise ClientGoneError
     return task.result()
@@ -91,7 +97,7 @@ async def generate(body: GenerateRequest, svc: Svc, request: Request,
     if not stream:
         result = await until_disconnected(request, svc.run(prep))
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))
-    req = svc.submit(prep)  # 429 / 503 here, before the stream starts
+    req = await svc.submit(prep)  # 429 / 503 here, before the stream starts
     return StreamingResponse(
         sse_stream(svc, prep, req), media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -100,6 +106,15 @@ async def generate(body: GenerateRequest, svc: Svc, request: Request,
 
 async def sse_stream(svc: ModelService, prep: Prepared, req: Any) -> AsyncIterator[bytes]:
     """Chunks as `data:` events, then an `error` event if one happened, then `done`."""
+    svc.open_streams += 1
+    try:
+        async for event in _sse_events(svc, prep, req):
+            yield event
+    finally:
+        svc.open_streams -= 1
+
+
+async def _sse_events(svc: ModelService, prep: Prepared, req: Any) -> AsyncIterator[bytes]:
     try:
         async for chunk in svc.chunks(prep, req, svc.settings.keepalive_s):
             if chunk is None:
@@ -145,9 +160,11 @@ async def health() -> dict[str, str]:
 @open_routes.get("/ready", tags=["ops"], summary="Readiness: models loaded, warm, not draining",
                  responses={503: {"model": ErrorBody}})
 async def ready(svc: Svc) -> JSONResponse:
-    if svc.ready and not svc.draining:
+    if svc.ready:
         return JSONResponse({"status": "ready", "models": sorted(svc.models)})
-    state = "draining" if svc.draining else "loading"
+    dead = svc.dead_engines
+    state = ("draining" if svc.draining else
+             f"engine stopped for {', '.join(dead)}" if dead else "loading")
     return JSONResponse(error_body("unavailable", f"not ready: {state}"), status_code=503,
                         headers={"Retry-After": "1"})
 
@@ -157,5 +174,6 @@ async def ready(svc: Svc) -> JSONResponse:
 async def metrics(request: Request, svc: Svc) -> Response:
     for served in svc.models.values():  # refresh gauges that change between engine events
         served.observer.on_queue(served.engine.waiting, served.engine.active)
+        served.observer.on_estimate(served.engine.predicted_wait_s, served.engine.chars_per_s)
     return Response(request.app.state.metrics.render(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from app.engine import Request
+from app.engine import Sequence
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -22,6 +22,15 @@ class Metrics:
                            ["model"], registry=r)
         self.active = Gauge("charlstm_active_rows", "rows in the running batch", ["model"],
                             registry=r)
+        self.wait = Gauge("charlstm_predicted_wait_seconds",
+                          "predicted wait for a batch row of a request submitted now "
+                          "(admission refuses past CHARLSTM_MAX_WAIT_S)", ["model"], registry=r)
+        self.rate = Gauge("charlstm_chars_per_second",
+                          "characters delivered per second while decoding (smoothed)",
+                          ["model"], registry=r)
+        self.refusals = Counter("charlstm_refusals", "requests refused for their predicted "
+                                "wait, judged afterwards: false = a row came within the bound",
+                                ["model", "verdict"], registry=r)
         self.batch = Histogram("charlstm_batch_size", "rows per decode step", ["model"],
                                buckets=_BATCH_BUCKETS, registry=r)
         self.step = Histogram("charlstm_step_seconds", "onnxruntime time per decode step",
@@ -65,7 +74,14 @@ class ModelObserver:
         self._queue.set(waiting)
         self._active.set(active)
 
-    def on_finish(self, request: Request) -> None:
+    def on_refusal_verdict(self, false: bool) -> None:
+        self.m.refusals.labels(self.model, "false" if false else "justified").inc()
+
+    def on_estimate(self, wait_s: float, chars_per_s: float) -> None:
+        self.m.wait.labels(self.model).set(wait_s)
+        self.m.rate.labels(self.model).set(chars_per_s)
+
+    def on_finish(self, request: Sequence) -> None:
         self.m.requests.labels(self.model, request.finish_reason or "unknown").inc()
         self.m.chars.labels(self.model).inc(len(request.ids))
         if request.first_at is not None:

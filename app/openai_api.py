@@ -159,7 +159,7 @@ async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Re
         return JSONResponse({"id": cid, "object": "text_completion", "created": created,
                              "model": prep.served.model.name, "choices": [choice],
                              "usage": _usage(result)})
-    req = svc.submit(prep)
+    req = await svc.submit(prep)
     return StreamingResponse(
         _stream(svc, prep, req, body, cid, created), media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -24,7 +24,7 @@ def sample_next(
     logits: FloatArray,
     temperature: FloatArray,
     top_k: npt.NDArray[np.int64],
-    top_p: FloatArray,
+    top_p: npt.NDArray[np.floating],  # float64 in the engine: 1e-50 must not become 0
     uniforms: npt.NDArray[np.float64],
 ) -> IdArray:
     """Pick one id per row.

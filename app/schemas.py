@@ -155,6 +155,11 @@ class ModelInfo(BaseModel):
     validation_loss_nats: float | None
     validation_bits_per_char: float | None
     corpus: str
+    predicted_wait_s: float = Field(
+        0.0, description="predicted wait for a batch row of a request sent now (429 past the "
+        "server's limit)")
+    chars_per_s: float = Field(0.0, description="characters delivered per second while "
+                               "decoding (smoothed)")
 
 
 class ModelDetail(ModelInfo):

@@ -79,8 +79,9 @@ class ModelService:
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, Served] = {}
-        self.ready = False
+        self.started = False
         self.draining = False
+        self.open_streams = 0  # SSE replies still being written (a drain waits for them)
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -95,7 +96,7 @@ class ModelService:
             observer = self.metrics.observer(model.name)
             engine = Engine(model, max_batch=self.settings.max_batch,
                             max_queue=self.settings.max_queue,
-                            retry_after_s=self.settings.retry_after_s, observer=observer,
+                            max_wait_s=self.settings.max_wait_s, observer=observer,
                             prefill_chunk_chars=self.settings.prefill_chunk_chars)
             self.models[model.name] = Served(model, engine, observer)
         if self.settings.default_model not in self.models:
@@ -108,17 +109,34 @@ class ModelService:
     def start(self) -> None:
         for served in self.models.values():
             served.engine.start()
-        self.ready = True
+        self.started = True
+
+    @property
+    def dead_engines(self) -> list[str]:
+        return sorted(n for n, s in self.models.items() if not s.engine.alive)
+
+    @property
+    def ready(self) -> bool:
+        """Serving: started, not draining, and every model's engine alive."""
+        return self.started and not self.draining and not self.dead_engines
 
     async def drain(self, grace_s: float) -> bool:
-        """Stop admitting (503, not ready) and give running requests up to grace_s to finish."""
+        """Stop admitting (503, not ready) and give running requests up to grace_s to finish;
+        past that every request ends with an error and each stream writes its final events."""
         self.draining = True
-        self.ready = False
         results = await asyncio.gather(*(s.engine.drain(grace_s) for s in self.models.values()))
+        await self.streams_closed(timeout_s=5.0)
         return all(results)
 
+    async def streams_closed(self, timeout_s: float) -> bool:
+        """Wait until every SSE reply has written its last event."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.open_streams and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        return not self.open_streams
+
     def close(self) -> None:
-        self.ready = False
+        self.started = False
         for served in self.models.values():
             served.engine.close()
 
@@ -143,6 +161,8 @@ class ModelService:
             validation_loss_nats=val.loss_nats if val else None,
             validation_bits_per_char=val.bits_per_char if val else None,
             corpus=meta.corpus.name,
+            predicted_wait_s=round(served.engine.predicted_wait_s, 3),
+            chars_per_s=round(served.engine.chars_per_s, 1),
         )
 
     def detail(self, served: Served) -> ModelDetail:
@@ -191,13 +211,13 @@ class ModelService:
         )
         return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
 
-    def submit(self, prep: Prepared) -> Request:
-        if self.draining or not self.ready:
+    async def submit(self, prep: Prepared) -> Request:
+        if not self.ready:
             prep.served.observer.on_rejected("unavailable")
             raise UnavailableError("the server is shutting down or not ready; retry elsewhere",
                                    headers={"Retry-After": "1"})
         try:
-            return prep.served.engine.submit(prep.params)
+            return await prep.served.engine.submit(prep.params)
         except QueueFullError as exc:
             prep.served.observer.on_rejected("overloaded")
             raise OverloadedError(str(exc), headers={"Retry-After": str(exc.retry_after)}) \
@@ -226,7 +246,7 @@ class ModelService:
 
     async def run(self, prep: Prepared) -> GenerateResponse:
         """Generate to the end; a cancelled await (client gone) cancels the request."""
-        req = self.submit(prep)
+        req = await self.submit(prep)
         try:
             while not req.done:
                 await req.wait()
@@ -242,9 +262,8 @@ class ModelService:
         sent = 0
         try:
             while True:
-                if not await req.wait(keepalive_s):
-                    yield None
-                    continue
+                # State first, then wait: news that arrived with the admission decision (a
+                # short request may finish in that very step) is already here.
                 done = req.done  # read before the ids: once set, every id is in place
                 n = len(req.ids)
                 if n > sent:
@@ -259,6 +278,8 @@ class ModelService:
                     yield chunk
                 if done:
                     return
+                if not await req.wait(keepalive_s):
+                    yield None
         finally:
             if not req.done:
                 req.cancel()

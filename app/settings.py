@@ -22,11 +22,16 @@ class Settings(BaseSettings):
         1, ge=0, description="onnxruntime threads per call; 1 is fastest for small batches on "
         "a 2-core CPU, 0 lets onnxruntime use every core")
     max_batch: int = Field(256, ge=1, le=4096, description="active rows per model")
-    max_queue: int = Field(256, ge=0, description="requests waiting per model before 429")
+    max_queue: int = Field(256, ge=0, le=100_000,
+                           description="requests waiting per model before 429, whatever the "
+                           "predicted wait (a memory bound)")
+    max_wait_s: float = Field(
+        10.0, gt=0, description="refuse (429) a request predicted to wait longer than this for "
+        "a batch row; Retry-After says when the wait will be under it")
     prefill_chunk_chars: int = Field(
-        1024, ge=1, description="seed characters prefilled per decode step; bounds the stall "
-        "a burst of new requests causes for running ones")
-    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429")
+        256, ge=1, le=100_000, description="seed characters prefilled per decode step, shared "
+        "by all seeds in prefill: a running stream waits at most one such slice between "
+        "characters, however long the seeds others send")
     max_new_chars: int = Field(5000, ge=1, description="upper bound for max_new_chars")
     default_new_chars: int = Field(200, ge=1, description="max_new_chars when omitted")
     max_seed_chars: int = Field(4000, ge=1, description="longest accepted seed_text")

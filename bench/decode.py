@@ -43,7 +43,7 @@ from httpx_sse import aconnect_sse
 
 from app import rng
 from app.artifact import ArtifactError
-from app.engine import Engine, GenerationParams, Request
+from app.engine import Engine, GenerationParams, Request, Sequence
 from app.runtime import OnnxModel, RuntimeOptions, load_model
 from app.sampling import sample_next
 from app.settings import Settings
@@ -202,7 +202,10 @@ class StepClock:
     def on_queue(self, waiting: int, active: int) -> None:
         pass
 
-    def on_finish(self, request: Request) -> None:
+    def on_refusal_verdict(self, false: bool) -> None:
+        pass
+
+    def on_finish(self, request: Sequence) -> None:
         pass
 
     def snapshot(self) -> tuple[int, float, int, float]:
@@ -235,7 +238,7 @@ async def engine_round(engine: Engine, model: OnnxModel, cfg: Config, n: int, fi
                                time_limit_s=TIME_LIMIT_S)
               for i, t in enumerate(seed_texts(model.vocab.chars, n, cfg.seed_chars, first))]
     t0 = time.perf_counter()
-    reqs = [engine.submit(p) for p in params]
+    reqs = list(await asyncio.gather(*(engine.submit(p) for p in params)))
     for r in reqs:
         while not r.done:
             await r.wait()
@@ -244,7 +247,8 @@ async def engine_round(engine: Engine, model: OnnxModel, cfg: Config, n: int, fi
 
 async def measure_engine(model: OnnxModel, cfg: Config) -> list[EngineResult]:
     clock = StepClock()
-    engine = Engine(model, max_batch=cfg.capacity, max_queue=cfg.capacity, observer=clock)
+    engine = Engine(model, max_batch=cfg.capacity, max_queue=cfg.capacity, max_wait_s=1e9,
+                    observer=clock)
     engine.start()
     results = []
     try:

@@ -15,6 +15,7 @@ class FakeModel:
         self.v = vocab
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self.shapes: list[tuple[int, int]] = []  # (rows, characters) per call
         self.fail_after = fail_after
 
     def zero_states(self, rows: int) -> npt.NDArray[np.float32]:
@@ -30,6 +31,7 @@ class FakeModel:
              ) -> tuple[npt.NDArray[np.float32], object]:
         self.calls += 1
         self.batch_sizes.append(ids.shape[0])
+        self.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError("injected failure")
         b, t = ids.shape

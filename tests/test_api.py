@@ -141,7 +141,7 @@ def test_full_queue_answers_429_with_retry_after_while_admitted_requests_complet
     assert set(codes) <= {200, 429}
     for r in responses:
         if r.status_code == 429:
-            assert r.headers["retry-after"] == "1"
+            assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["type"] == "overloaded"
         else:
             assert r.json()["finish_reason"] == "length"

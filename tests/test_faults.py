@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -89,21 +90,23 @@ def inprocess(tiny_models: Path) -> Iterator[tuple[str, object]]:
 def test_injected_onnxruntime_error_sends_error_event_and_engine_keeps_serving(
         inprocess: tuple[str, object]) -> None:
     url, app = inprocess
-    engine = app.state.service.models["tiny"].engine  # type: ignore[attr-defined]
+    model = app.state.service.models["tiny"].model  # type: ignore[attr-defined]
     calls = {"n": 0}
+    real_step = model.step
 
-    def fail_on_the_50th_step() -> None:
+    def fail_on_the_50th_step(ids: Any, states: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 50:
             raise RuntimeError("injected onnxruntime failure at /secret/path")
+        return real_step(ids, states)
 
-    engine.fault = fail_on_the_50th_step
+    model.step = fail_on_the_50th_step
     events: list[tuple[str, dict[str, object]]] = []
     with httpx.Client(base_url=url, timeout=30) as c, connect_sse(
             c, "POST", "/generate",
             json={"seed_text": "A", "max_new_chars": 2000, "stream": True}) as es:
         events.extend((ev.event, ev.json()) for ev in es.iter_sse())
-    engine.fault = None
+    del model.step  # the class's own step again
     kinds = [k for k, _ in events]
     assert kinds[-2:] == ["error", "done"]
     error = events[-2][1]["error"]
