@@ -9,7 +9,7 @@ from pathlib import Path
 
 from training.environment import BACKENDS, quiet_tensorflow
 
-# Before anything imports TensorFlow: its CUDA start-up errors mean nothing on a CPU-only host.
+# Before anything imports TensorFlow: its CUDA start-up errors mean nothing without a GPU.
 quiet_tensorflow()
 
 

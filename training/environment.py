@@ -47,23 +47,24 @@ def choose_backend(requested: str | None) -> str:
     return name
 
 
-def gpu_present() -> bool:
-    """Whether an NVIDIA driver reports a GPU, judged without importing TensorFlow."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+def gpu_wanted() -> bool:
+    """Whether TensorFlow may find a GPU: an NVIDIA driver's device is here and
+    CUDA_VISIBLE_DEVICES does not hide them all. Judged without importing TensorFlow."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
     gpus = Path("/proc/driver/nvidia/gpus")
-    return not hidden and gpus.is_dir() and any(gpus.iterdir())
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def quiet_tensorflow() -> None:
     """Keep TensorFlow's C++ start-up logs to what matters on this machine.
 
-    TensorFlow's CUDA build logs "failed call to cuInit" as an ERROR on every start on a machine
-    without a GPU (or with every GPU hidden); there it means only "no GPU", so errors are hidden
-    too, and the GPU is hidden explicitly. With a GPU, errors stay visible: they then matter.
-    An explicit TF_CPP_MIN_LOG_LEVEL or CUDA_VISIBLE_DEVICES always wins.
+    TensorFlow's CUDA build logs "failed call to cuInit" as an ERROR on every start where there
+    is no GPU to use; there it means only "no GPU", so errors are hidden as well as warnings.
+    Where a GPU may be used, errors stay visible: then they matter. Only the log level is set
+    (never CUDA_VISIBLE_DEVICES, which would hide a GPU this check missed), and an explicit
+    TF_CPP_MIN_LOG_LEVEL wins. (TensorFlow's "Could not find cuda drivers" lines are written
+    before its logging starts, whatever the level.)
     """
-    if gpu_present():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # warnings and info off
-    else:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_wanted() else "3")
