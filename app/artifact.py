@@ -63,12 +63,24 @@ class CorpusInfo(_Strict):
     characters: int
 
 
+class LossMeasure(_Strict):
+    """Validation loss under one way of feeding the text (`python -m training evaluate`)."""
+
+    label: str
+    window: int  # characters per zero-state window; the whole text for the carried-state pass
+    characters: int  # targets scored
+    loss_nats: float
+    bits_per_char: float
+
+
 class ValidationInfo(_Strict):
     fraction: float
     characters: int
     window: int
     loss_nats: float
     bits_per_char: float
+    # Keyed "training_windows", "windows_256", "carried_state"; empty in older model.json files.
+    measures: dict[str, LossMeasure] = Field(default_factory=dict)
 
 
 class ModelMetadata(_Strict):

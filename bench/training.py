@@ -45,6 +45,7 @@ from app.vocab import Vocabulary
 from bench.common import result_stem, write_json
 from training import corpus as corpus_mod
 from training import data
+from training.environment import quiet_tensorflow
 from training.evaluate import nll_sum
 from training.model import ModelConfig, build_training_model, count_parameters
 
@@ -211,11 +212,13 @@ def _chunks(arr: npt.NDArray[Any], size: int) -> Iterator[npt.NDArray[Any]]:
         yield arr[start : start + size]
 
 
-def _fit(model: Any, budget_s: float, **fit_kwargs: Any) -> tuple[_Clock, float]:
+def _fit(model: Any, budget_s: float, callbacks: list[Any] | None = None,
+         **fit_kwargs: Any) -> tuple[_Clock, float]:
     """fit until the budget is spent; returns the step clock and the last epoch's mean loss."""
     clock = _Clock()
     history = model.fit(epochs=1_000_000, verbose=0,
-                        callbacks=[budget_callback(budget_s, clock)], **fit_kwargs)
+                        callbacks=[*(callbacks or []), budget_callback(budget_s, clock)],
+                        **fit_kwargs)
     return clock, float(history.history["loss"][-1])
 
 
@@ -495,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"(default {DEFAULT_VAL_STRIDE}, {QUICK_VAL_STRIDE} with --quick; 1 = all)")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    quiet_tensorflow()  # before TensorFlow is imported: no CUDA errors on a CPU-only host
     budget = args.budget_s if args.budget_s is not None else (
         QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)
     stride = args.val_stride if args.val_stride is not None else (

@@ -1,4 +1,5 @@
-"""The training benchmark's smoke run: `python -m bench.training --quick` writes its results."""
+"""The training benchmarks' smoke runs: `python -m bench.training --quick` and
+`python -m bench.training_stateful --quick` write their results."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def test_quick_run_writes_json_and_markdown_for_every_scheme(
     assert "| scheme | params | target chars/s | input chars/s |" in md
     for name in SCHEMES:
         assert f"| {name} |" in md
+
+
+def test_quick_stateful_comparison_writes_three_measures_per_scheme(
+    tmp_path: Path, shakespeare_path: Path
+) -> None:
+    res = run_cli("bench.training_stateful", "--quick", "--corpus", str(shakespeare_path),
+                  "--out", str(tmp_path), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (json_path,) = tmp_path.glob("training-stateful-*-quick.json")
+    (md_path,) = tmp_path.glob("training-stateful-*-quick.md")
+    report = json.loads(json_path.read_text())
+    assert [s["name"] for s in report["schemes"]] == ["shuffled", "stateful"]
+    vocab = report["corpus"]["vocab_size"]
+    for s in report["schemes"]:
+        assert s["steps"] >= 1
+        assert s["train_time_s"] >= report["budget_s"]
+        assert list(s["measures"]) == ["training_windows", "windows_256", "carried_state"]
+        for m in s["measures"].values():
+            assert 0 < m["nats"] < 2 * math.log(vocab)
+            assert math.isclose(m["bits"], m["nats"] / math.log(2))
+        carried = s["measures"]["carried_state"]
+        assert carried["characters"] == report["corpus"]["val_characters"] - 1
+    assert "| stateful |" in md_path.read_text()

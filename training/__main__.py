@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 from pathlib import Path
 
-# Quiet TensorFlow's C++ start-up chatter unless the caller asked for it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from training.environment import BACKENDS, quiet_tensorflow
+
+# Before anything imports TensorFlow: its CUDA start-up errors mean nothing without a GPU.
+quiet_tensorflow()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show: required options,
+    options whose default is None (their help says what happens) and on/off flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,8 +29,9 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Train a character-level LSTM/GRU language model. Every character of the "
         "training split is a target once per epoch; the best weights by validation loss are "
         "kept as RUN_DIR/best.weights.h5 and the last full checkpoint (for --resume) as "
-        "RUN_DIR/last.keras, with a CSV log, a loss plot and samples per epoch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "RUN_DIR/last.keras, with a CSV log, a loss plot and samples per epoch. A run folder that "
+        "already holds a run is refused unless --resume (continue it) or --force (start over).",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("corpus", nargs="+",
                    help="UTF-8 text file(s), or one named corpus (shakespeare, nietzsche) that "
@@ -41,8 +54,22 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--patience", type=int, default=4,
                    help="stop after this many epochs without a better validation loss")
     p.add_argument("--seed", type=int, default=1234, help="random seed for a reproducible run")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint up to --epochs")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint up to --epochs "
+                       "(with the run's own --seq-len, --val-fraction and --stateful)")
+    again.add_argument("--force", action="store_true",
+                       help="start a new run in --out even if it holds one (deletes its "
+                       "checkpoints, log and samples)")
+    p.add_argument("--stateful", action="store_true",
+                   help="truncated BPTT over the whole text: --batch-size parallel streams "
+                   "read in order, the LSTM state carried from each window to the next (reset "
+                   "at each epoch start) instead of shuffled windows from a zero state; "
+                   "validation is measured the same way either way; TensorFlow backend, one "
+                   "device")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="Keras backend (default: $KERAS_BACKEND, else tensorflow); jax trains on "
+                   "a GPU where TensorFlow has no GPU build (export still needs TensorFlow)")
     p.add_argument("--distribute", choices=["auto", "none", "mirrored"], default="auto",
                    help="auto: MirroredStrategy when several GPUs (or --cpu-devices) are visible")
     p.add_argument("--cpu-devices", type=int, default=0,
@@ -52,7 +79,9 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="characters sampled at each of 0.2/0.5/1.0/1.2 after every epoch")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="cap batches per epoch (quick experiments); default: the whole split")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no callback messages, only a line per epoch (when "
+                   "output is not a terminal there is never a progress bar)")
 
 
 def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,8 +90,9 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         description="Convert RUN_DIR/best.weights.h5 to model.onnx with explicit input/output "
         "names and dynamic batch and time, check it against Keras (logits and states within 1e-4, "
         "greedy decoding of 200 characters identical), evaluate it on the validation split and "
-        "write model.json, the loss plot and samples. Any failed check fails the export.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "write model.json, the loss plot and samples. Any failed check fails the export. An "
+        "existing model folder is replaced only with --force.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("run_dir", type=Path, help="a run folder written by `train`")
     p.add_argument("--name", required=True, help="model name; the folder under --models-dir")
@@ -71,22 +101,33 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs difference allowed between ONNX and Keras outputs")
+    p.add_argument("--force", action="store_true",
+                   help="replace MODELS_DIR/NAME if it exists (a running server keeps the old "
+                   "model until restarted)")
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate", help="validation loss of an exported model, with onnxruntime",
         description="Mean cross-entropy (nats/char and bits/char) of an exported ONNX model on "
-        "text, in windows of the training length from a zero state, as training measured it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the validation text, three ways: windows of the training length from a zero state (as "
+        "training measured val_loss), windows of 256 from a zero state (like nanoGPT's "
+        "evaluation), and one pass over the whole text with the state carried (as the service "
+        "runs). --update records all three in the model's model.json.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
     p.add_argument("text", nargs="*", type=Path,
                    help="text file(s); default: the corpus files named in model.json")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="score the last fraction of the text; 1 scores all of it")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="score the last fraction of the text; 1 scores all of it; default: the "
+                   "model's validation fraction from model.json")
     p.add_argument("--window", type=int, default=None,
-                   help="characters per window; default: the training window from model.json")
+                   help="characters per window of the first measure; default: the training "
+                   "window from model.json")
+    p.add_argument("--update", action="store_true",
+                   help="write the three figures into MODEL_DIR/model.json (atomically, other "
+                   "fields kept); needs the model's own corpus and measures")
 
 
 def _sample_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,7 +135,7 @@ def _sample_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "sample", help="generate text from an exported model",
         description="Prime the model with --seed-text, then sample one continuation per "
         "temperature with onnxruntime.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
     p.add_argument("--seed-text", default="\n", help="text to continue")
@@ -122,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app.artifact import ArtifactError
     from training.corpus import CorpusError
-    from training.train import ResumeError
 
     try:
         if args.command == "train":
+            from training.environment import choose_backend
+
+            choose_backend(args.backend)  # before train imports Keras
             from training.train import TrainOptions, train
 
-            best = train(TrainOptions(
+            # A progress bar only on a terminal: in a file it is control codes and backspaces.
+            verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+            result = train(TrainOptions(
                 corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase, cell=args.cell,
                 layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
                 dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -136,26 +181,40 @@ def main(argv: list[str] | None = None) -> int:
                 val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
                 resume=args.resume, distribute=args.distribute, cpu_devices=args.cpu_devices,
                 sample_length=args.sample_length, steps_per_epoch=args.steps_per_epoch,
-                verbose=0 if args.quiet else 1,
+                stateful=args.stateful, force=args.force, verbose=verbose,
                 command=["python", "-m", "training", *(argv if argv is not None else sys.argv[1:])],
             ))
-            print(f"best checkpoint: {best}")
+            if result.best_epoch is None or result.best_val_loss is None:
+                print(f"no epoch trained (already at --epochs {args.epochs}?); best weights, if "
+                      f"any: {result.checkpoint}")
+            else:
+                loss = result.best_val_loss
+                print(f"best: epoch {result.best_epoch}, validation loss {loss:.4f} nats/char "
+                      f"({loss / math.log(2):.4f} bits/char), weights {result.checkpoint}\n"
+                      f"export it: python -m training export {args.out} --name NAME")
         elif args.command == "export":
+            target = args.models_dir / args.name
+            if target.exists() and not args.force:
+                raise FileExistsError(f"{target} already exists: pass --force to replace it, or "
+                                      "choose another --name")
+            from training.evaluate import evaluate_cli
             from training.export import export
 
             out = export(args.run_dir, args.name, args.models_dir, checkpoint=args.checkpoint,
                          opset=args.opset, tolerance=args.tolerance)
             print(f"exported {out}")
+            # The two other validation measures, with the model's own corpus and split.
+            evaluate_cli(out, [], None, None, update=True)
         elif args.command == "evaluate":
             from training.evaluate import evaluate_cli
 
-            evaluate_cli(args.model_dir, args.text, args.val_fraction, args.window)
+            evaluate_cli(args.model_dir, args.text, args.val_fraction, args.window, args.update)
         elif args.command == "sample":
             from training.evaluate import sample_cli
 
             sample_cli(args.model_dir, args.seed_text, args.temperature or [0.2, 0.5, 1.0, 1.2],
                        args.length, args.seed)
-    except (CorpusError, ResumeError, ArtifactError, ValueError) as exc:
+    except (CorpusError, ArtifactError, ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,8 @@
 
 char-rnn style: each window of T+1 ids gives inputs ids[0:T] and targets ids[1:T+1],
 windows advance by T, so every character of the split is a target once per epoch.
+Two layouts of those windows: independent windows, shuffled every epoch (`windows`), or B
+parallel streams read in order for stateful training (`stream_windows`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,27 @@ def windows(ids: IdArray, seq_len: int) -> IdArray:
             f"text of {len(ids)} characters is too short for one window of {seq_len + 1}"
         )
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return np.ascontiguousarray(ids[idx], dtype=np.int32)
+
+
+def stream_windows(ids: IdArray, seq_len: int, streams: int) -> IdArray:
+    """(W * B, T+1) windows of B parallel streams in batch order, for truncated BPTT.
+
+    Stream j reads the text from offset j * L on (L = (len - 1) // B characters each) in W
+    windows of T targets; batch i (rows i*B .. i*B + B-1) holds window i of every stream, so
+    row j of batch i+1 continues row j of batch i and a state carried along row j has read
+    exactly the text before it. Batched in order, never shuffled; a tail of each stream too
+    short for a window is dropped (under T * B characters in all).
+    """
+    if seq_len < 1 or streams < 1:
+        raise ValueError(f"need seq_len >= 1 and streams >= 1, got {seq_len} and {streams}")
+    per_stream = (len(ids) - 1) // streams
+    n = per_stream // seq_len
+    if n < 1:
+        raise ValueError(f"text of {len(ids)} characters is too short for {streams} streams of "
+                         f"one window of {seq_len + 1}")
+    starts = np.arange(n)[:, None] * seq_len + np.arange(streams)[None, :] * per_stream  # (W, B)
+    idx = starts.reshape(-1)[:, None] + np.arange(seq_len + 1)[None, :]
     return np.ascontiguousarray(ids[idx], dtype=np.int32)
 
 

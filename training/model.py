@@ -3,6 +3,8 @@
 Training:  ids (B, T) -> Embedding -> N x (LSTM | GRU, dropout after each) -> Dense(V) logits.
 Inference: the same layers (same names, so weights copy by name) taking and returning the
 recurrent state, without dropout, so one graph serves prefill (T = seed length) and decode (T = 1).
+Stateful training (truncated BPTT): the training graph with a fixed batch of B streams whose
+recurrent state carries from one batch to the next; it has the same weights as the others.
 """
 
 from __future__ import annotations
@@ -35,21 +37,28 @@ class ModelConfig:
         return asdict(self)
 
 
-def _rnn_layer(cfg: ModelConfig, i: int, return_state: bool) -> Any:
+def _rnn_layer(cfg: ModelConfig, i: int, return_state: bool, stateful: bool = False) -> Any:
     import keras
 
     # No recurrent_dropout: it stops tf2onnx from emitting the fused ONNX LSTM/GRU op.
     layer_cls = keras.layers.LSTM if cfg.cell == "lstm" else keras.layers.GRU
-    return layer_cls(cfg.units, return_sequences=True, return_state=return_state, name=f"rnn_{i}")
+    return layer_cls(cfg.units, return_sequences=True, return_state=return_state,
+                     stateful=stateful, name=f"rnn_{i}")
 
 
-def build_training_model(cfg: ModelConfig) -> Any:
+def build_training_model(cfg: ModelConfig, stateful_batch: int | None = None) -> Any:
+    """ids (B, T) -> logits (B, T, V). With `stateful_batch`, B is fixed to it and each batch
+    starts from the state the previous one ended in (row j continues row j); `reset_states`
+    zeroes it. Keras keeps that state outside the weights, so checkpoints load either way."""
     import keras
 
-    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    if stateful_batch is None:
+        ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+    else:
+        ids = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="ids")
     x = keras.layers.Embedding(cfg.vocab_size, cfg.embedding_dim, name="embedding")(ids)
     for i in range(cfg.layers):
-        x = _rnn_layer(cfg, i, return_state=False)(x)
+        x = _rnn_layer(cfg, i, return_state=False, stateful=stateful_batch is not None)(x)
         if cfg.dropout > 0:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
     logits = keras.layers.Dense(cfg.vocab_size, name="logits")(x)  # (B, T, V)
@@ -72,6 +81,16 @@ def build_inference_model(cfg: ModelConfig) -> Any:
             outputs[f"{name}_out"] = s
     outputs["logits"] = keras.layers.Dense(cfg.vocab_size, name="logits")(x)
     return keras.Model([ids, *states_in], outputs, name="char_rnn_step")
+
+
+def stateful_layers(model: Any) -> list[Any]:
+    return [layer for layer in model.layers if getattr(layer, "stateful", False)]
+
+
+def reset_states(model: Any) -> None:
+    """Zero the carried state of every stateful recurrent layer (a no-op for other models)."""
+    for layer in stateful_layers(model):
+        layer.reset_state()
 
 
 def copy_weights(src: Any, dst: Any) -> None:

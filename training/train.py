@@ -1,4 +1,11 @@
-"""`train`: corpus -> windows -> Keras char-RNN -> best checkpoint, with logs, plots and samples."""
+"""`train`: corpus -> windows -> Keras char-RNN -> best checkpoint, with logs, plots and samples.
+
+Two ways through the text per epoch: independent windows of T characters, shuffled, each from
+a zero state (the default, char-rnn's targets with Keras's usual batching); or, with `stateful`,
+B parallel streams read in order with the LSTM state carried from window to window (truncated
+BPTT over the whole text, as char-rnn trains), reset at each epoch start. Validation is the same
+in both: windows of T from a zero state, so runs compare.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +24,13 @@ import numpy as np
 from app.vocab import Vocabulary
 from training import corpus as corpus_mod
 from training import data
-from training.model import ModelConfig, build_inference_model, build_training_model, copy_weights
+from training.model import (
+    ModelConfig,
+    build_inference_model,
+    build_training_model,
+    copy_weights,
+    reset_states,
+)
 
 SAMPLE_TEMPERATURES = (0.2, 0.5, 1.0, 1.2)
 CONFIG_FILE = "config.json"
@@ -27,10 +41,15 @@ LAST_FILE = "last.keras"
 LOG_FILE = "log.csv"
 PLOT_FILE = "loss.png"
 SAMPLES_FILE = "samples.txt"
+RUN_FILES = (CONFIG_FILE, STATE_FILE, BEST_FILE, LAST_FILE, LOG_FILE, PLOT_FILE, SAMPLES_FILE)
 
 
 class ResumeError(ValueError):
     """A checkpoint that cannot be resumed with the given corpus or options."""
+
+
+class RunExistsError(ValueError):
+    """A new run asked for in a folder that already holds one."""
 
 
 @dataclass
@@ -56,14 +75,31 @@ class TrainOptions:
     cpu_devices: int = 0
     sample_length: int = 200
     steps_per_epoch: int | None = None
+    stateful: bool = False  # B = batch_size streams, state carried across windows
+    force: bool = False  # start over in a run folder that holds a run
+    # 0: a line per epoch; 1: and Keras's progress bar (a terminal); 2: a line per epoch and
+    # the callbacks' messages, no control codes (a log file or a pipe).
     verbose: int = 1
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path  # best weights by validation loss
+    best_epoch: int | None  # counted from 1; None when no epoch has been trained
+    best_val_loss: float | None  # nats/char, windows of seq_len from a zero state
 
 
 def _strategy(opts: TrainOptions) -> Any:
     """MirroredStrategy over every GPU (or over `cpu_devices` logical CPUs); else the default."""
     import tensorflow as tf
 
+    if opts.stateful:
+        # One carried state per stream: replicas would each need their own slice of streams.
+        if opts.distribute == "mirrored" or opts.cpu_devices > 1:
+            raise ValueError("stateful training runs on one device: drop --distribute mirrored "
+                             "and --cpu-devices")
+        return tf.distribute.get_strategy()
     if opts.cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -98,13 +134,37 @@ def _check_resume(run_dir: Path, vocab: Vocabulary, opts: TrainOptions) -> dict[
     return saved
 
 
+def _check_new_run(run_dir: Path, force: bool) -> None:
+    """A new run must not silently replace another's checkpoints and logs."""
+    found = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if found and not force:
+        raise RunExistsError(
+            f"{run_dir} already holds a training run ({', '.join(found)}): pass --resume to "
+            "continue it, --force to start over (its checkpoints and logs are deleted), or "
+            "choose another --out")
+
+
+def reset_states_each_epoch() -> Any:
+    """A callback for stateful training: each epoch reads every stream from its start, so
+    from a zero state; within the epoch Keras carries the state from batch to batch."""
+    import keras
+
+    class ResetStates(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            reset_states(self.model)
+
+    return ResetStates()
+
+
 class _EpochReport:
     """Shared per-epoch bookkeeping: bits/char, chars/s, samples, plot, resume state."""
 
     def __init__(self, opts: TrainOptions, cfg: ModelConfig, vocab: Vocabulary,
-                 val_ids: np.ndarray, train_chars: int) -> None:
+                 val_ids: np.ndarray, train_chars: int,
+                 validate: Callable[[Any], float] | None = None) -> None:
         self.opts, self.cfg, self.vocab = opts, cfg, vocab
         self.val_ids, self.train_chars = val_ids, train_chars
+        self.validate = validate  # model -> val_loss, when fit() does not validate itself
         self.rng = np.random.default_rng(opts.seed)
         self.t0 = 0.0
         self.t_train = 0.0
@@ -125,23 +185,40 @@ class _EpochReport:
                     report.t_train = time.perf_counter() - report.t0
 
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-                report.epoch_end(self.model, epoch, logs if logs is not None else {})
+                logs = logs if logs is not None else {}
+                if report.validate is not None:
+                    # Before the callbacks below: they all read val_loss from these logs.
+                    report.t_train = time.perf_counter() - report.t0
+                    logs["val_loss"] = report.validate(self.model)
+                report.epoch_end(self.model, epoch, logs)
+
+        class EpochsFromOne(keras.callbacks.CSVLogger):  # type: ignore[misc]
+            """log.csv counts epochs from 1, as the console and model.json do."""
+
+            def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                super().on_epoch_end(epoch + 1, logs)
 
         run = self.opts.run_dir
+        verbose = 1 if self.opts.verbose else 0
         best = keras.callbacks.ModelCheckpoint(
             str(run / BEST_FILE), monitor="val_loss", save_best_only=True, save_weights_only=True,
             verbose=0,
             initial_value_threshold=initial_best if math.isfinite(initial_best) else None,
         )
+        # Keras appends its progress bar after these, so it would finish its line after our
+        # epoch line and samples were printed into it: put it first.
+        bar = [keras.callbacks.ProgbarLogger()] if self.opts.verbose == 1 else []
         return [
-            Report(),  # first, so CSVLogger sees the extra columns
+            *bar,
+            Report(),  # before the others: it adds val_loss (stateful) and the extra columns
+            *([reset_states_each_epoch()] if self.opts.stateful else []),
             best,
             keras.callbacks.ModelCheckpoint(str(run / LAST_FILE), verbose=0),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1,
-                                              min_lr=1e-5, verbose=self.opts.verbose),
+                                              min_lr=1e-5, verbose=verbose),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.opts.patience,
-                                          verbose=self.opts.verbose),
-            keras.callbacks.CSVLogger(str(run / LOG_FILE), append=True),
+                                          verbose=verbose),
+            EpochsFromOne(str(run / LOG_FILE), append=True),
         ]
 
     def epoch_end(self, model: Any, epoch: int, logs: dict[str, Any]) -> None:
@@ -150,7 +227,8 @@ class _EpochReport:
         logs["val_bpc"] = float(logs["val_loss"]) / math.log(2)
         logs["chars_per_s"] = self.train_chars / max(seconds, 1e-9)
         print(
-            f"epoch {epoch + 1}: loss {logs['loss']:.4f} nats/char ({logs['bpc']:.3f} bits), "
+            f"epoch {epoch + 1}/{self.opts.epochs}: loss {logs['loss']:.4f} nats/char "
+            f"({logs['bpc']:.3f} bits), "
             f"val {logs['val_loss']:.4f} nats/char ({logs['val_bpc']:.3f} bits), "
             f"{logs['chars_per_s']:,.0f} chars/s",
             flush=True,
@@ -182,14 +260,49 @@ class _EpochReport:
             f.write(block)
 
 
-def read_log(csv_path: Path) -> list[dict[str, str]]:
-    """Rows of a run's log.csv (CSVLogger), oldest first; none if there is no log yet."""
+def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import csv
 
     if not csv_path.exists():
-        return []
-    with csv_path.open() as f:
-        return list(csv.DictReader(f))
+        return [], []
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _counts_from_zero(rows: list[dict[str, str]]) -> bool:
+    """log.csv files written before epochs were counted from 1 start at epoch 0."""
+    return bool(rows) and int(rows[0]["epoch"]) == 0
+
+
+def read_log(csv_path: Path) -> list[dict[str, str]]:
+    """Rows of a run's log.csv, oldest first; none if there is no log yet.
+
+    `epoch` is Keras's epoch index (from 0) in every row, whichever way the file counts: the
+    file counts from 1 for people, files from before that from 0.
+    """
+    _, rows = _read_csv(csv_path)
+    shift = 0 if _counts_from_zero(rows) else 1
+    return [{**r, "epoch": str(int(r["epoch"]) - shift)} for r in rows]
+
+
+def migrate_log(csv_path: Path) -> bool:
+    """Renumber an old log.csv (epochs from 0) from 1, in place; True if it was renumbered.
+
+    A resumed run appends rows counted from 1, and one file must count one way.
+    """
+    import csv
+
+    fields, rows = _read_csv(csv_path)
+    if not _counts_from_zero(rows):
+        return False
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({**r, "epoch": str(int(r["epoch"]) + 1)} for r in rows)
+    tmp.replace(csv_path)
+    return True
 
 
 def plot_history(csv_path: Path, png_path: Path, extra: dict[str, Any], epoch: int) -> None:
@@ -220,28 +333,49 @@ def _best_so_far(csv_path: Path) -> float:
     return min((float(r["val_loss"]) for r in read_log(csv_path)), default=math.inf)
 
 
-def train(opts: TrainOptions) -> Path:
-    """Train (or resume) into opts.run_dir; returns the best checkpoint's path."""
+def best_epoch(run_dir: Path) -> TrainResult:
+    """The run's best epoch by validation loss, from its log."""
+    rows = read_log(run_dir / LOG_FILE)
+    if not rows:
+        return TrainResult(run_dir / BEST_FILE, None, None)
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    return TrainResult(run_dir / BEST_FILE, int(best["epoch"]) + 1, float(best["val_loss"]))
+
+
+def train(opts: TrainOptions) -> TrainResult:
+    """Train (or resume) into opts.run_dir; returns the best checkpoint and its epoch."""
+    if not opts.resume:
+        _check_new_run(opts.run_dir, opts.force)  # before the slow imports and corpus
     import keras
 
     corpus = corpus_mod.load(opts.corpus, lowercase=opts.lowercase)
     vocab = Vocabulary.from_text([corpus.text])
     ids = vocab.encode(corpus.text)
-    train_ids, val_ids = data.split(ids, opts.val_fraction)
-    train_win = data.windows(train_ids, opts.seq_len)
-    val_win = data.windows(val_ids, opts.seq_len)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
 
+    saved = _check_resume(opts.run_dir, vocab, opts) if opts.resume else None
+    if saved is not None:
+        # What the run's validation loss means (window, split) and, when stateful, its fixed
+        # batch of streams are the run's own: a resume keeps them whatever the options say.
+        stateful = bool(saved.get("stateful", False))
+        opts = replace(opts, seq_len=int(saved["seq_len"]),
+                       val_fraction=float(saved["val_fraction"]), stateful=stateful,
+                       batch_size=int(saved["batch_size"]) if stateful else opts.batch_size)
+    train_ids, val_ids = data.split(ids, opts.val_fraction)
+    if opts.stateful and keras.backend.backend() != "tensorflow":
+        raise ValueError("--stateful is implemented for the TensorFlow backend only (Keras keeps "
+                         "the carried state in variables outside the model's weights)")
+
     initial_epoch = 0
-    if opts.resume:
-        saved = _check_resume(opts.run_dir, vocab, opts)
+    if saved is not None:
         cfg = ModelConfig(**saved["model"])
         initial_epoch = json.loads((opts.run_dir / STATE_FILE).read_text())["epochs_done"]
+        migrate_log(opts.run_dir / LOG_FILE)
     else:
         cfg = ModelConfig(vocab_size=len(vocab), cell=opts.cell,  # type: ignore[arg-type]
                           layers=opts.layers, units=opts.units,
                           embedding_dim=opts.embedding_dim, dropout=opts.dropout)
-        for stale in (LOG_FILE, SAMPLES_FILE, STATE_FILE, BEST_FILE, LAST_FILE):
+        for stale in RUN_FILES:
             (opts.run_dir / stale).unlink(missing_ok=True)
         (opts.run_dir / CONFIG_FILE).write_text(json.dumps({
             "model": cfg.to_dict(),
@@ -252,6 +386,7 @@ def train(opts: TrainOptions) -> Path:
             "seq_len": opts.seq_len,
             "val_fraction": opts.val_fraction,
             "batch_size": opts.batch_size,
+            "stateful": opts.stateful,
             "learning_rate": opts.learning_rate,
             "seed": opts.seed,
             "command": shlex.join(opts.command),
@@ -259,38 +394,73 @@ def train(opts: TrainOptions) -> Path:
         }, indent=2))
 
     keras.utils.set_random_seed(opts.seed + initial_epoch)
-    report = _EpochReport(opts, cfg, vocab, val_ids, train_chars=train_win[:, 1:].size)
-    callbacks = report.make_callbacks(_best_so_far(opts.run_dir / LOG_FILE))
-    fit_kwargs: dict[str, Any] = {
-        "epochs": opts.epochs, "initial_epoch": initial_epoch, "callbacks": callbacks,
-        "verbose": opts.verbose, "steps_per_epoch": opts.steps_per_epoch,
-    }
+    if opts.stateful:
+        train_win = data.stream_windows(train_ids, opts.seq_len, streams=opts.batch_size)
+    else:
+        train_win = data.windows(train_ids, opts.seq_len)
+    val_win = data.windows(val_ids, opts.seq_len)
 
     def build() -> Any:
         if opts.resume:
             return keras.models.load_model(opts.run_dir / LAST_FILE)
-        model = build_training_model(cfg)
+        model = build_training_model(cfg, opts.batch_size if opts.stateful else None)
         model.compile(
             optimizer=keras.optimizers.Adam(opts.learning_rate, clipnorm=opts.clipnorm),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         return model
 
-    if keras.backend.backend() == "tensorflow":
+    def fit(model: Any, validate: Callable[[Any], float] | None, **data_kwargs: Any) -> None:
+        # Targets trained per epoch, for chars/s: a capped epoch trains fewer than the split.
+        per_epoch = (opts.steps_per_epoch * opts.batch_size * opts.seq_len
+                     if opts.steps_per_epoch else train_win[:, 1:].size)
+        report = _EpochReport(opts, cfg, vocab, val_ids, train_chars=per_epoch,
+                              validate=validate)
+        callbacks = report.make_callbacks(_best_so_far(opts.run_dir / LOG_FILE))
+        model.fit(epochs=opts.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                  verbose=1 if opts.verbose == 1 else 0, steps_per_epoch=opts.steps_per_epoch,
+                  **data_kwargs)
+
+    backend = keras.backend.backend()
+    mode = f"stateful, {opts.batch_size} streams" if opts.stateful else "shuffled windows"
+    if backend == "tensorflow":
         strategy = _strategy(opts)
         with strategy.scope():
             model = build()
-        n_rep = strategy.num_replicas_in_sync
-        print(f"training on {n_rep} replica(s) with {type(strategy).__name__}", flush=True)
-        train_ds = data.dataset(train_win, opts.batch_size, shuffle=True, seed=opts.seed)
+        print(f"training on {strategy.num_replicas_in_sync} replica(s) with "
+              f"{type(strategy).__name__}, Keras backend {backend}, {mode}", flush=True)
+        # Stateful: in order, so that row j of every batch is stream j.
+        train_ds = data.dataset(train_win, opts.batch_size, shuffle=not opts.stateful,
+                                seed=opts.seed)
         val_ds = data.dataset(val_win, opts.batch_size, shuffle=False, seed=opts.seed)
         if opts.steps_per_epoch:
             train_ds = train_ds.repeat()
-        model.fit(train_ds, validation_data=val_ds, **fit_kwargs)
+        # shuffle=False: fit's shuffle is for arrays; the dataset shuffles itself (or must not).
+        if opts.stateful:
+            fit(model, _zero_state_validation(cfg, val_ds), x=train_ds, shuffle=False)
+        else:
+            fit(model, None, x=train_ds, validation_data=val_ds, shuffle=False)
     else:
         # Other Keras backends (JAX on a GPU host without TensorFlow): same model, numpy input.
         model = build()
-        model.fit(train_win[:, :-1], train_win[:, 1:], batch_size=opts.batch_size, shuffle=True,
-                  validation_data=(val_win[:, :-1], val_win[:, 1:]),
-                  validation_batch_size=opts.batch_size, **fit_kwargs)
-    return opts.run_dir / BEST_FILE
+        print(f"training with Keras backend {backend}, {mode}", flush=True)
+        fit(model, None, x=train_win[:, :-1], y=train_win[:, 1:], batch_size=opts.batch_size,
+            shuffle=True, validation_data=(val_win[:, :-1], val_win[:, 1:]),
+            validation_batch_size=opts.batch_size)
+    return best_epoch(opts.run_dir)
+
+
+def _zero_state_validation(cfg: ModelConfig, val_ds: Any) -> Callable[[Any], float]:
+    """val_loss for a stateful model as fit() measures it for the others: windows of T from a
+    zero state, in a stateless twin (the stateful model's batch is fixed, and validating in it
+    would carry state across validation windows and into the next training batch)."""
+    import keras
+
+    twin = build_training_model(cfg)
+    twin.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def validate(model: Any) -> float:
+        copy_weights(model, twin)
+        return float(twin.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
+
+    return validate
