@@ -66,6 +66,15 @@ def _tensorflow_on_cpu() -> Any:
 
 
 def _convert(twin: Any, cfg: ModelConfig, path: Path, opset: int) -> None:
+    """LSTM through tf2onnx (one fused ONNX LSTM op per layer); GRU written directly with the
+    fused ONNX GRU op, where tf2onnx would emit generic Loop ops (training/gru_graph.py)."""
+    if cfg.cell == "gru":
+        import onnx
+
+        from training.gru_graph import build_gru_graph
+
+        onnx.save(build_gru_graph(twin, cfg, opset), str(path))
+        return
     tf = _tensorflow_on_cpu()
     import tf2onnx
 
