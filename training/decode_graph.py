@@ -16,6 +16,8 @@ argsort), then the inverse CDF: the count of cumsum(probs) <= u * total, the lik
 when rounding puts the target past the end. Divisions, cumulative sums and comparisons are
 IEEE-exact and sequential on both sides; exp and the normalising sum may differ in the last bit
 from numpy's, which can move a draw only when u * total lies within ~1e-16 of a CDF step.
+As on the host, work no row needs is skipped (If nodes): the sort when no row filters, all of
+the float64 arithmetic when every row is greedy.
 
 The graph holds no weights of its own: every large initializer is stored as external data
 pointing at its bytes inside the source graph file (`source` in model.json, with its sha256),
@@ -25,6 +27,7 @@ weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,6 +71,32 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, names, name=names[0], **attrs))
         return names[0] if outputs == 1 else names
 
+    def any(self, x: str, hint: str) -> str:
+        """A bool tensor -> one bool, True when any element is (the condition of an If)."""
+        from onnx import TensorProto
+
+        as_int = self.op("Cast", [x], to=TensorProto.INT64)
+        return str(self.op("Cast", [self.op("ReduceMax", [as_int], keepdims=0)], hint,
+                           to=TensorProto.BOOL))
+
+    def cond(self, condition: str, then: Callable[[], str], otherwise: Callable[[], str],
+             elem_type: int, hint: str) -> str:
+        """An If node whose branches are built by `then` / `otherwise` (each returns the name of
+        its result). Branch constants go to the main graph, which a branch may read."""
+        from onnx import helper
+
+        branches = []
+        for build in (then, otherwise):
+            outer, self.nodes = self.nodes, []
+            result = build()
+            out = self.name(f"{hint}_branch")  # produced inside the branch, as If requires
+            self.nodes.append(helper.make_node("Identity", [result], [out], name=out))
+            branches.append(helper.make_graph(self.nodes, out, [], [
+                helper.make_tensor_value_info(out, elem_type, None)]))
+            self.nodes = outer
+        return str(self.op("If", [condition], hint, then_branch=branches[0],
+                           else_branch=branches[1]))
+
     def reduce(self, op_type: str, x: str, axis: int, keepdims: int) -> str:
         """ReduceMax takes axes as an attribute before opset 18, ReduceSum before opset 13."""
         if op_type == "ReduceMax" and self.opset < 18:
@@ -101,6 +130,11 @@ class _RowParams:
         self.top_p64 = b.op("Cast", [top_p], "top_p64", to=TensorProto.DOUBLE)
         # top_p >= 1 keeps every id: the mass before the tail can round up to 1.0.
         self.p_off = b.op("GreaterOrEqual", [top_p, b.const("one", 1.0, np.float32)], "p_off")
+        # As the host, skip work no row needs: the sort when no row filters, all sampling
+        # arithmetic when every row is greedy (If nodes; on the CPU each op costs a few us).
+        self.any_sampled = b.any(self.sampled, "any_sampled")
+        self.any_filter = b.any(b.op("Or", [filtering, b.op("Less", [
+            spec.top_p_input, b.const("one", 1.0, np.float32)])]), "any_filter")
 
 
 def _sample(b: _Builder, logits: str, u: str, rows: _RowParams, vocab: int) -> str:
@@ -108,9 +142,32 @@ def _sample(b: _Builder, logits: str, u: str, rows: _RowParams, vocab: int) -> s
     from onnx import TensorProto
 
     greedy = b.op("ArgMax", [logits], "greedy", axis=1, keepdims=0, select_last_index=0)
-    x = b.op("Div", [b.op("Cast", [logits], to=TensorProto.DOUBLE), rows.t64])  # (B, V) f64
-    x = b.op("Sub", [x, b.reduce("ReduceMax", x, axis=1, keepdims=1)])
-    p = b.op("Exp", [x], "p")  # (B, V), unnormalised
+
+    def sampled() -> str:
+        x = b.op("Div", [b.op("Cast", [logits], to=TensorProto.DOUBLE), rows.t64])  # (B, V)
+        x = b.op("Sub", [x, b.reduce("ReduceMax", x, axis=1, keepdims=1)])
+        p = b.op("Exp", [x], "p")  # (B, V) float64, unnormalised
+        probs = b.cond(rows.any_filter, lambda: _filtered(b, p, rows, vocab), lambda: p,
+                       TensorProto.DOUBLE, "probs")
+        cdf = b.op("CumSum", [probs, b.const("axis", 1, np.int64)], "cdf")  # (B, V)
+        total = b.op("Slice", [cdf, b.const("last", [vocab - 1], np.int64),
+                               b.const("end", [vocab], np.int64),
+                               b.const("axes", [1], np.int64)])  # (B, 1)
+        target = b.op("Mul", [u, total], "target")  # (B, 1)
+        below = b.op("Cast", [b.op("LessOrEqual", [cdf, target])], to=TensorProto.INT64)
+        drawn = b.reduce("ReduceSum", below, axis=1, keepdims=0)  # (B,)
+        # Past the end only when u * total rounds up to total: the likeliest kept id, as the
+        # host does.
+        fallback = b.op("ArgMax", [probs], axis=1, keepdims=0, select_last_index=0)
+        drawn = b.op("Where", [b.op("Less", [drawn, b.const("vocab", vocab, np.int64)]),
+                               drawn, fallback])
+        return str(b.op("Where", [rows.sampled, drawn, greedy]))
+
+    return b.cond(rows.any_sampled, sampled, lambda: str(greedy), TensorProto.INT64, "next")
+
+
+def _filtered(b: _Builder, p: str, rows: _RowParams, vocab: int) -> str:
+    """p (B, V) float64 with the ids outside each row's top-k and top-p set to 0."""
     sorted_p, order = b.op("TopK", [p, b.const("v", [vocab], np.int64)], "sorted", outputs=2,
                            axis=1, largest=1, sorted=1)  # descending, ties by lower id
     norm = b.op("Div", [sorted_p, b.reduce("ReduceSum", sorted_p, axis=1, keepdims=1)])
@@ -120,18 +177,7 @@ def _sample(b: _Builder, logits: str, u: str, rows: _RowParams, vocab: int) -> s
                         b.op("Or", [b.op("Less", [before, rows.top_p64]), rows.p_off])])
     kept = b.op("Where", [keep, sorted_p, b.const("zero", 0.0, np.float64)])
     # `order` is a permutation, so the scatter overwrites every entry of p: kept, in id order.
-    probs = b.op("ScatterElements", [p, order, kept], "probs", axis=1)
-    cdf = b.op("CumSum", [probs, b.const("axis", 1, np.int64)], "cdf")  # (B, V)
-    total = b.op("Slice", [cdf, b.const("last", [vocab - 1], np.int64),
-                           b.const("end", [vocab], np.int64), b.const("axes", [1], np.int64)])
-    target = b.op("Mul", [u, total], "target")  # (B, 1)
-    below = b.op("Cast", [b.op("LessOrEqual", [cdf, target])], to=TensorProto.INT64)
-    drawn = b.reduce("ReduceSum", below, axis=1, keepdims=0)  # (B,)
-    # Past the end only when u * total rounds up to total: the likeliest kept id, as the host.
-    fallback = b.op("ArgMax", [probs], axis=1, keepdims=0, select_last_index=0)
-    drawn = b.op("Where", [b.op("Less", [drawn, b.const("vocab", vocab, np.int64)]), drawn,
-                           fallback])
-    return str(b.op("Where", [rows.sampled, drawn, greedy], "next"))
+    return str(b.op("ScatterElements", [p, order, kept], "filtered", axis=1))
 
 
 def _details(b: _Builder, logits: str, chosen: str) -> tuple[str, str, str]:
