@@ -200,3 +200,19 @@ def test_cli_adds_decode_graphs_without_tensorflow(tiny_models: Path, tmp_path: 
     assert load_decode_graph(folder, 2, options=CPU).run(
         np.zeros(3, np.int32), [np.zeros((3, 48), np.float32)] * 4, np.ones(3, np.float32),
         np.zeros(3, np.int64), np.ones(3, np.float32), np.full((3, 2), 0.5)).ids.shape == (3, 2)
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "nietzsche"])
+def test_bundled_models_carry_checked_decode_graphs(name: str) -> None:
+    from training.decode_artifact import check_against_host
+
+    folder = ROOT / "models" / name
+    meta = read_metadata(folder)
+    sources = {(d.source, d.steps) for d in meta.decode_graphs}
+    assert sources == {("model.onnx", 1), ("model.onnx", 8), ("model.int8.onnx", 1),
+                       ("model.int8.onnx", 8)}
+    for variant in (None, "int8"):
+        model = load_model(folder, CPU, variant=variant)
+        graph = load_decode_graph(folder, 1, variant=variant, options=CPU)
+        check = check_against_host(graph, model, 1, rows=256, seed=11)
+        assert check["greedy_identical"] == check["greedy_rows"]
