@@ -52,14 +52,15 @@ def test_int8_variant_is_listed_with_its_loss_within_the_bound(tiny_copy: Path,
 def test_int8_variant_over_the_bound_is_refused_and_nothing_written(tiny_copy: Path,
                                                                      small_corpus: Path) -> None:
     before = (tiny_copy / "model.json").read_text()
+    files = sorted(p.name for p in tiny_copy.iterdir())
     # A negative bound asks int8 to beat fp32 by a whole nat: it cannot.
     res = run_cli("training", "quantize", str(tiny_copy), str(small_corpus),
                   "--max-increase", "-1")
     assert res.returncode == 2
     assert "not written" in res.stderr
     assert (tiny_copy / "model.json").read_text() == before
-    assert sorted(p.name for p in tiny_copy.glob("*.onnx")) == ["model.onnx"]
-    assert not list(tiny_copy.glob(".*partial"))
+    assert sorted(p.name for p in tiny_copy.iterdir()) == files  # no int8 graph, no leftovers
+    assert "model.int8.onnx" not in files
 
 
 def test_unknown_variant_names_the_listed_ones(tiny_copy: Path) -> None:
@@ -76,3 +77,18 @@ def test_model_json_without_the_new_sections_still_loads(tiny_copy: Path) -> Non
     assert meta.variants == []
     assert meta.decode_graphs == []
     assert load_model(tiny_copy, RuntimeOptions(device="cpu")).graph_file == "model.onnx"
+
+
+def test_requantizing_drops_decode_graphs_built_from_the_old_int8_file(
+        tiny_copy: Path, small_corpus: Path) -> None:
+    from training.decode_artifact import add_decode_graphs
+    from training.quantize import quantize_int8
+
+    quantize_int8(tiny_copy, [small_corpus])
+    add_decode_graphs(tiny_copy, (1,), variant="int8")
+    assert (tiny_copy / "decode.int8.k1.onnx").is_file()
+    quantize_int8(tiny_copy, [small_corpus])
+    meta = read_metadata(tiny_copy)
+    assert [d.source for d in meta.decode_graphs] == ["model.onnx", "model.onnx"]
+    assert not (tiny_copy / "decode.int8.k1.onnx").exists()
+    assert [v.name for v in meta.variants] == ["int8"]
