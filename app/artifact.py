@@ -17,6 +17,11 @@ from app.vocab import Vocabulary, VocabularyError
 FORMAT_VERSION = 1
 METADATA_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+# The optional sections below (`variants`, `decode_graphs`) extend format 1 without bumping it:
+# a service that does not know them ignores them (extra="allow") and serves onnx.file as before,
+# and model.json files written before them still load. A decode graph carries its own version,
+# so its input/output contract can change without invalidating the rest of the artifact.
+DECODE_GRAPH_VERSION = 1
 
 
 class ArtifactError(Exception):
@@ -54,6 +59,72 @@ class OnnxSpec(_Strict):
     ids_input: str  # int32 [batch, time]
     logits_output: str  # float32 [batch, time, vocab]
     states: list[StateSpec]  # per layer: h (and c for LSTM), in layer order
+
+
+class VariantCheck(_Strict):
+    """A variant's validation loss next to the fp32 graph's, same windows, same run."""
+
+    loss_nats: float
+    reference_loss_nats: float  # onnx.file on the same windows
+    max_increase_nats: float  # the variant is refused when loss > reference + this
+    characters: int
+    window: int
+
+
+class GraphVariant(_Strict):
+    """Another step graph of the same model with exactly onnx.file's inputs and outputs (for
+    instance int8 weights for the CPU). Listed only after its loss check passed."""
+
+    name: str  # what a loader asks for, e.g. "int8"
+    file: str
+    method: str  # how it was made from onnx.file
+    validation: VariantCheck
+
+    @field_validator("file")
+    @classmethod
+    def _plain_file(cls, v: str) -> str:
+        return _plain_file_name(v)
+
+
+class DecodeGraphSpec(_Strict):
+    """A graph that advances each row K characters and samples them itself (app/decode.py).
+
+    Inputs: `ids_input` (B,) int32, the id each row feeds next; the state inputs of onnx.states;
+    `temperature` (B,) float32, `top_k` (B,) int64, `top_p` (B,) float32 (app.sampling's
+    per-row parameters: 0 = greedy, 0 = no top-k, 1 = no top-p); `uniforms` (B, K) float64, one
+    draw per row per step. Outputs: `ids_output` (B, K) int32; the state outputs of onnx.states,
+    after feeding the K inputs (`ids` and the first K - 1 sampled ids; the K-th sampled id is the
+    next call's input); with `details`, `chosen_prob` (B, K) float32, `top_ids` (B, K, 5) int32
+    and `top_probs` (B, K, 5) float32, all at temperature 1.
+    """
+
+    version: int  # DECODE_GRAPH_VERSION when written; a loader refuses other versions
+    file: str
+    source: str  # the step graph it was built from (onnx.file or a variant's file)
+    source_sha256: str  # its weights are read from `source`, which must be unchanged
+    steps: int = Field(ge=1)  # K
+    details: bool
+    ids_input: str = "ids"
+    temperature_input: str = "temperature"
+    top_k_input: str = "top_k"
+    top_p_input: str = "top_p"
+    uniforms_input: str = "uniforms"
+    ids_output: str = "next_ids"
+    chosen_prob_output: str = "chosen_prob"
+    top_ids_output: str = "top_ids"
+    top_probs_output: str = "top_probs"
+    check: dict[str, object] = Field(default_factory=dict)  # agreement with app.sampling
+
+    @field_validator("file", "source")
+    @classmethod
+    def _plain_file(cls, v: str) -> str:
+        return _plain_file_name(v)
+
+
+def _plain_file_name(v: str) -> str:
+    if not v or Path(v).name != v or v.startswith("."):
+        raise ValueError(f"must be a plain file name in the model folder, got {v!r}")
+    return v
 
 
 class CorpusInfo(_Strict):
@@ -96,6 +167,8 @@ class ModelMetadata(_Strict):
     versions: dict[str, str] = Field(default_factory=dict)
     parity: dict[str, object] = Field(default_factory=dict)
     created: str = ""
+    variants: list[GraphVariant] = Field(default_factory=list)
+    decode_graphs: list[DecodeGraphSpec] = Field(default_factory=list)
 
     @field_validator("format_version")
     @classmethod
@@ -116,6 +189,17 @@ class ModelMetadata(_Strict):
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary(self.vocab)
+
+    def variant(self, name: str) -> GraphVariant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        listed = ", ".join(v.name for v in self.variants) or "none"
+        raise ArtifactError(f"model {self.name!r} has no {name!r} variant (listed: {listed})")
+
+    def graph_files(self) -> list[str]:
+        """Every step graph in the folder: onnx.file, then the variants' files."""
+        return [self.onnx.file, *(v.file for v in self.variants)]
 
 
 def read_metadata(model_dir: Path) -> ModelMetadata:

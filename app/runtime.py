@@ -49,13 +49,15 @@ class StateBatch:
 class OnnxModel:
     """One exported model: metadata, vocabulary and an onnxruntime session."""
 
-    def __init__(self, model_dir: Path, meta: ModelMetadata, session: Any, provider: str) -> None:
+    def __init__(self, model_dir: Path, meta: ModelMetadata, session: Any, provider: str,
+                 graph_file: str | None = None) -> None:
         self.dir = model_dir
         self.meta = meta
         self.name = model_dir.name
         self.vocab: Vocabulary = meta.vocabulary()
         self.session = session
         self.provider = provider
+        self.graph_file = graph_file or meta.onnx.file  # or a variant's (load_model's `variant`)
         self.on_device = provider == "CUDAExecutionProvider"
         self.ids_name = meta.onnx.ids_input
         self.logits_name = meta.onnx.logits_output
@@ -183,15 +185,28 @@ def _check_graph(path: Path, meta: ModelMetadata, session: Any) -> None:
         )
 
 
-def load_model(model_dir: Path, options: RuntimeOptions | None = None) -> OnnxModel:
-    """Validate metadata, open the graph, check it against the metadata, run one warm-up step."""
+def load_model(model_dir: Path, options: RuntimeOptions | None = None,
+               variant: str | None = None) -> OnnxModel:
+    """Validate metadata, open the graph, check it against the metadata, run one warm-up step.
+
+    variant: a name from model.json's `variants` (e.g. "int8") to open that graph instead of
+    onnx.file; it has the same inputs and outputs, so the rest is the same.
+    """
+    meta = read_metadata(model_dir)
+    graph_file = meta.onnx.file if variant is None else meta.variant(variant).file
+    return open_step_graph(model_dir, meta, graph_file, options)
+
+
+def open_step_graph(model_dir: Path, meta: ModelMetadata, graph_file: str,
+                    options: RuntimeOptions | None = None) -> OnnxModel:
+    """load_model for a graph file model.json does not list yet (a variant being checked)."""
     import onnxruntime as ort
 
     options = options or RuntimeOptions()
-    meta = read_metadata(model_dir)
-    onnx_path = model_dir / meta.onnx.file
-    if Path(meta.onnx.file).name != meta.onnx.file:
-        raise ArtifactError(f"{model_dir / 'model.json'}: onnx.file must be a plain file name")
+    onnx_path = model_dir / graph_file
+    if Path(graph_file).name != graph_file:
+        raise ArtifactError(f"{model_dir / 'model.json'}: {graph_file!r} must be a plain file "
+                            "name")
     if not onnx_path.is_file():
         raise ArtifactError(f"{onnx_path}: missing (named by {model_dir / 'model.json'})")
     provider = choose_provider(options.device)
@@ -211,7 +226,7 @@ def load_model(model_dir: Path, options: RuntimeOptions | None = None) -> OnnxMo
             f"{onnx_path}: device=cuda, but onnxruntime could not start its CUDA provider "
             "(NVIDIA driver >= 580 for CUDA 13? GPU visible to this process?)")
     _check_graph(onnx_path, meta, session)
-    model = OnnxModel(model_dir, meta, session, session.get_providers()[0])
+    model = OnnxModel(model_dir, meta, session, session.get_providers()[0], graph_file)
     try:
         logits, _ = model.step(np.zeros((1, 2), np.int32), model.zero_states(1))
     except Exception as exc:

@@ -205,6 +205,9 @@ class StepClock:
     def on_refusal_verdict(self, false: bool) -> None:
         pass
 
+    def on_estimate(self, wait_s: float, chars_per_s: float) -> None:
+        pass
+
     def on_finish(self, request: Sequence) -> None:
         pass
 

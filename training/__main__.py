@@ -1,4 +1,5 @@
-"""Command line: `python -m training {train,export,evaluate,sample} --help`."""
+"""Command line: `python -m training {train,export,evaluate,sample,quantize,decode-graph} --help`.
+"""
 
 from __future__ import annotations
 
@@ -145,6 +146,45 @@ def _sample_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--seed", type=int, default=None, help="random seed")
 
 
+def _quantize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "quantize", help="add an int8 CPU variant (model.int8.onnx) to an exported model",
+        description="Quantize model.onnx with onnxruntime's dynamic int8 quantization, score it "
+        "next to the fp32 graph on the validation split (windows of the training length from a "
+        "zero state) and list it in model.json under `variants`; refused, with nothing written, "
+        "when it loses more than --max-increase nats/char. Needs no TensorFlow.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
+    p.add_argument("text", nargs="*", type=Path,
+                   help="text file(s); default: the corpus files named in model.json")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="score the last fraction of the text; 1 scores all of it")
+    p.add_argument("--window", type=int, default=None,
+                   help="characters per window; default: the training window from model.json")
+    p.add_argument("--max-increase", type=float, default=0.01,
+                   help="largest validation loss increase over fp32 accepted, nats/char")
+
+
+def _decode_graph_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "decode-graph", help="add decode graphs (K steps with in-graph sampling) to a model",
+        description="Build decode graphs from model.onnx (or a variant): the step graph and the "
+        "service's sampler in one ONNX graph that advances each row K characters per call. "
+        "Each is checked against the step graph with the host sampler on the same uniforms and "
+        "listed in model.json under `decode_graphs`; its weights are read from the step graph "
+        "file, so it adds kilobytes. Needs no TensorFlow.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 8],
+                   help="K: characters per call, one graph each")
+    p.add_argument("--variant", default=None,
+                   help="build from this listed variant (e.g. int8) instead of model.onnx")
+    p.add_argument("--no-details", action="store_true",
+                   help="leave out the temperature-1 probability outputs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -156,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _evaluate_parser(sub)
     _sample_parser(sub)
+    _quantize_parser(sub)
+    _decode_graph_parser(sub)
     return parser
 
 
@@ -214,6 +256,17 @@ def main(argv: list[str] | None = None) -> int:
 
             sample_cli(args.model_dir, args.seed_text, args.temperature or [0.2, 0.5, 1.0, 1.2],
                        args.length, args.seed)
+        elif args.command == "quantize":
+            from training.quantize import quantize_int8
+
+            variant = quantize_int8(args.model_dir, args.text, args.val_fraction, args.window,
+                                    args.max_increase)
+            print(f"wrote {args.model_dir / variant.file}")
+        elif args.command == "decode-graph":
+            from training.decode_artifact import add_decode_graphs
+
+            add_decode_graphs(args.model_dir, tuple(args.steps), args.variant,
+                              details=not args.no_details)
     except (CorpusError, ArtifactError, ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
-"""`export`: best checkpoint -> models/<name>/{model.onnx, model.json, loss.png, samples.md}.
+"""`export`: best checkpoint -> models/<name>/{model.onnx, model.json, decode.k*.onnx, loss.png,
+samples.md}.
 
 The export checks its own output before it is published: onnxruntime and Keras must agree on
-logits and states (random ids and states) and on a 200-character greedy decode. The artifact is
+logits and states (random ids and states) and on a 200-character greedy decode, and each decode
+graph must sample what the host sampler samples (training/decode_artifact.py). The artifact is
 built in a temporary folder and moved into place only when every check passes.
 """
 
@@ -35,6 +37,7 @@ from app.runtime import OnnxModel, RuntimeOptions, load_model
 from app.vocab import Vocabulary
 from training import corpus as corpus_mod
 from training import data
+from training.decode_artifact import add_decode_graphs
 from training.evaluate import cross_entropy
 from training.generate import generate
 from training.model import ModelConfig, build_inference_model, build_training_model, copy_weights
@@ -66,6 +69,15 @@ def _tensorflow_on_cpu() -> Any:
 
 
 def _convert(twin: Any, cfg: ModelConfig, path: Path, opset: int) -> None:
+    """LSTM through tf2onnx (one fused ONNX LSTM op per layer); GRU written directly with the
+    fused ONNX GRU op, where tf2onnx would emit generic Loop ops (training/gru_graph.py)."""
+    if cfg.cell == "gru":
+        import onnx
+
+        from training.gru_graph import build_gru_graph
+
+        onnx.save(build_gru_graph(twin, cfg, opset), str(path))
+        return
     tf = _tensorflow_on_cpu()
     import tf2onnx
 
@@ -194,6 +206,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
             "training": {**meta.training, **_training_summary(run_dir)},
         })
         write_metadata(work, meta)
+        decode_graphs = add_decode_graphs(work)
         _write_samples(work, name, model, seed_text)
         for extra in (PLOT_FILE, LOG_FILE):
             if (run_dir / extra).is_file():
@@ -209,6 +222,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
           f"{parity['max_abs_state']:.2e}, greedy {GREEDY_CHARS} chars identical")
     print(f"validation: {score.loss_nats:.4f} nats/char, {score.bits_per_char:.4f} bits/char over "
           f"{score.characters:,} characters")
+    print("decode graphs: " + ", ".join(f"{d.file} (K={d.steps})" for d in decode_graphs))
     return target
 
 

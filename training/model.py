@@ -40,7 +40,8 @@ class ModelConfig:
 def _rnn_layer(cfg: ModelConfig, i: int, return_state: bool, stateful: bool = False) -> Any:
     import keras
 
-    # No recurrent_dropout: it stops tf2onnx from emitting the fused ONNX LSTM/GRU op.
+    # No recurrent_dropout: it stops tf2onnx from emitting the fused ONNX LSTM op (GRU graphs
+    # are written by training/gru_graph.py, which has no place for it either).
     layer_cls = keras.layers.LSTM if cfg.cell == "lstm" else keras.layers.GRU
     return layer_cls(cfg.units, return_sequences=True, return_state=return_state,
                      stateful=stateful, name=f"rnn_{i}")

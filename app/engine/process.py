@@ -85,7 +85,7 @@ class EngineLoop:
         core = self.core
         while not self.stopping:
             busy = core.has_work
-            if poller.poll(0 if busy else HEARTBEAT_S * 1000):
+            if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
                 self._receive()
             if self.cancel_seen:
                 self.cancel_seen = False

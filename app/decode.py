@@ -1,0 +1,145 @@
+"""Decode graphs at run time: K characters per row per onnxruntime call, sampled in the graph.
+
+A decode graph (model.json `decode_graphs`, built by `python -m training decode-graph`) takes the
+id each row feeds next, the recurrent state, app.sampling's per-row parameters and K uniforms
+per row, and returns the K sampled ids and the new state: the logits never leave onnxruntime.
+With the same uniforms it picks the ids app.sampling.sample_next picks on the host (checked
+when the graph is built, recorded in its `check`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from app import rng as rng_mod
+from app.artifact import (
+    DECODE_GRAPH_VERSION,
+    ArtifactError,
+    DecodeGraphSpec,
+    ModelMetadata,
+    read_metadata,
+)
+from app.runtime import RuntimeOptions, choose_provider
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass
+class DecodeOutput:
+    ids: npt.NDArray[np.int32]  # (B, K): the sampled ids; ids[:, -1] is fed next call
+    states: list[FloatArray]  # (B, U) each: after feeding the call's K inputs
+    chosen_prob: FloatArray | None = None  # (B, K), temperature 1 (with details)
+    top_ids: npt.NDArray[np.int32] | None = None  # (B, K, 5)
+    top_probs: FloatArray | None = None  # (B, K, 5)
+
+
+class DecodeGraph:
+    """One decode graph's onnxruntime session; host arrays in and out (CPU provider)."""
+
+    def __init__(self, spec: DecodeGraphSpec, meta: ModelMetadata, session: Any) -> None:
+        self.spec = spec
+        self.steps = spec.steps
+        self.details = spec.details
+        self.session = session
+        self.state_in = [s.input for s in meta.onnx.states]
+        self.state_sizes = [s.size for s in meta.onnx.states]
+        self._outputs = [spec.ids_output, *(s.output for s in meta.onnx.states)]
+        if spec.details:
+            self._outputs += [spec.chosen_prob_output, spec.top_ids_output,
+                              spec.top_probs_output]
+
+    def run(self, ids: npt.NDArray[np.int32], states: list[FloatArray],
+            temperature: FloatArray, top_k: npt.NDArray[np.int64], top_p: FloatArray,
+            uniforms: npt.NDArray[np.float64], details: bool | None = None) -> DecodeOutput:
+        """ids (B,), states (B, U)..., temperature/top_k/top_p (B,), uniforms (B, K).
+        details: also fetch the temperature-1 details (default: when the graph has them)."""
+        s = self.spec
+        feeds = {s.ids_input: np.ascontiguousarray(ids, np.int32),
+                 **dict(zip(self.state_in, states, strict=True)),
+                 s.temperature_input: np.ascontiguousarray(temperature, np.float32),
+                 s.top_k_input: np.ascontiguousarray(top_k, np.int64),
+                 s.top_p_input: np.ascontiguousarray(top_p, np.float32),
+                 s.uniforms_input: np.ascontiguousarray(uniforms, np.float64)}
+        want = self.details if details is None else details and self.details
+        n_out = len(self._outputs) if want else 1 + len(self.state_in)
+        out = self.session.run(self._outputs[:n_out], feeds)
+        result = DecodeOutput(out[0], out[1:1 + len(self.state_in)])
+        if want:
+            result.chosen_prob, result.top_ids, result.top_probs = out[1 + len(self.state_in):]
+        return result
+
+
+def block_uniforms(keys: npt.NDArray[np.uint64], counters: npt.NDArray[np.uint64],
+                   steps: int) -> npt.NDArray[np.float64]:
+    """(B, K) draws: column j is what app.rng gives the host sampler at counter + j, so a
+    seeded request picks the same characters with K-step graphs as one step at a time."""
+    return np.stack([rng_mod.uniforms(keys, counters + np.uint64(j)) for j in range(steps)],
+                    axis=1)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_decode_graph(model_dir: Path, meta: ModelMetadata, spec: DecodeGraphSpec,
+                      options: RuntimeOptions | None = None) -> DecodeGraph:
+    """Open `spec`'s graph after checking its version and that its weight file is unchanged."""
+    import onnxruntime as ort
+
+    options = options or RuntimeOptions()
+    path = model_dir / spec.file
+    if spec.version != DECODE_GRAPH_VERSION:
+        raise ArtifactError(f"{path}: decode graph version {spec.version}, this service reads "
+                            f"{DECODE_GRAPH_VERSION}; rebuild it with `python -m training "
+                            "decode-graph`")
+    source = model_dir / spec.source
+    if not source.is_file() or _sha256(source) != spec.source_sha256:
+        raise ArtifactError(f"{path}: reads its weights from {source}, which is missing or has "
+                            "changed since the decode graph was built; rebuild it with "
+                            "`python -m training decode-graph`")
+    provider = choose_provider(options.device)
+    if provider != "CPUExecutionProvider":
+        # Device-resident states (IO binding) are not written for decode graphs yet.
+        raise ArtifactError(f"{path}: decode graphs run on the CPU provider only for now")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=[provider])
+    except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
+        raise ArtifactError(f"{path}: onnxruntime cannot load it: {exc}") from None
+    graph = DecodeGraph(spec, meta, session)
+    names_in = {i.name for i in session.get_inputs()}
+    names_out = {o.name for o in session.get_outputs()}
+    want_in = {spec.ids_input, *graph.state_in, spec.temperature_input, spec.top_k_input,
+               spec.top_p_input, spec.uniforms_input}
+    if names_in != want_in or not set(graph._outputs) <= names_out:
+        raise ArtifactError(f"{path}: inputs {sorted(names_in)} and outputs {sorted(names_out)} "
+                            f"are not the ones model.json describes ({sorted(want_in)}, "
+                            f"{graph._outputs})")
+    return graph
+
+
+def load_decode_graph(model_dir: Path, steps: int = 1, variant: str | None = None,
+                      options: RuntimeOptions | None = None) -> DecodeGraph:
+    """The listed decode graph with K = `steps` built from onnx.file (or `variant`'s file)."""
+    meta = read_metadata(model_dir)
+    source = meta.onnx.file if variant is None else meta.variant(variant).file
+    for spec in meta.decode_graphs:
+        if spec.steps == steps and spec.source == source:
+            return open_decode_graph(model_dir, meta, spec, options)
+    listed = ", ".join(f"{d.file} (K={d.steps}, from {d.source})" for d in meta.decode_graphs)
+    raise ArtifactError(f"{model_dir}: no decode graph with K={steps} built from {source} "
+                        f"(listed: {listed or 'none'}); add one with `python -m training "
+                        f"decode-graph {model_dir} --steps {steps}`")
