@@ -172,8 +172,7 @@ async def ready(svc: Svc) -> JSONResponse:
 @open_routes.get("/metrics", tags=["ops"], summary="Prometheus metrics",
                  response_class=Response)
 async def metrics(request: Request, svc: Svc) -> Response:
-    for served in svc.models.values():  # refresh gauges that change between engine events
-        served.observer.on_queue(served.engine.waiting, served.engine.active)
-        served.observer.on_estimate(served.engine.predicted_wait_s, served.engine.chars_per_s)
+    for served in svc.models.values():  # gauges that change between engine events
+        served.engine.refresh_metrics()
     return Response(request.app.state.metrics.render(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -34,7 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", exc)
             raise RuntimeError(f"cannot start: {exc}") from None
         svc.start()
-        log.info("ready: %s", ", ".join(f"{n} on {s.model.provider}"
+        if settings.engine_dir is not None:
+            await svc.engines_up(timeout_s=60.0)
+        log.info("ready: %s", ", ".join(f"{n} on {s.engine.provider}"
                                         for n, s in svc.models.items()))
         try:
             yield
@@ -61,3 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type", "Accept"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn app.main:app` and `fastapi run app/main.py`: the whole service in one process
+    (every model's engine on a thread), settings from the environment as for `python -m app`.
+    Built on first access, so importing this module starts nothing."""
+    if name == "app":
+        return create_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,26 @@
-"""Prometheus metrics, one registry per app instance (tests build many apps in one process)."""
+"""Prometheus metrics, one registry per app instance (tests build many apps in one process).
+
+Under `python -m app` every process (engines, HTTP workers) writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, chosen by the supervisor
+before it starts them), and /metrics in any worker renders all of them together.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from app.engine import Sequence
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -19,15 +35,16 @@ class Metrics:
         self.chars = Counter("charlstm_generated_chars", "characters generated", ["model"],
                              registry=r)
         self.queue = Gauge("charlstm_queue_depth", "requests waiting for a batch row",
-                           ["model"], registry=r)
+                           ["model"], registry=r, multiprocess_mode="livesum")
         self.active = Gauge("charlstm_active_rows", "rows in the running batch", ["model"],
-                            registry=r)
+                            registry=r, multiprocess_mode="livesum")
         self.wait = Gauge("charlstm_predicted_wait_seconds",
                           "predicted wait for a batch row of a request submitted now "
-                          "(admission refuses past CHARLSTM_MAX_WAIT_S)", ["model"], registry=r)
+                          "(admission refuses past CHARLSTM_MAX_WAIT_S)", ["model"], registry=r,
+                          multiprocess_mode="livesum")
         self.rate = Gauge("charlstm_chars_per_second",
                           "characters delivered per second while decoding (smoothed)",
-                          ["model"], registry=r)
+                          ["model"], registry=r, multiprocess_mode="livesum")
         self.refusals = Counter("charlstm_refusals", "requests refused for their predicted "
                                 "wait, judged afterwards: false = a row came within the bound",
                                 ["model", "verdict"], registry=r)
@@ -48,6 +65,10 @@ class Metrics:
         return ModelObserver(self, model)
 
     def render(self) -> bytes:
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 
@@ -60,8 +81,9 @@ class ModelObserver:
         self._step = m.step.labels(model)
         self._queue = m.queue.labels(model)
         self._active = m.active.labels(model)
-        self._queue.set(0)
-        self._active.set(0)
+        if not os.environ.get(MULTIPROC_ENV):  # there, the engine process owns these
+            self._queue.set(0)
+            self._active.set(0)
 
     def on_step(self, batch: int, seconds: float) -> None:
         self._batch.observe(batch)

@@ -12,9 +12,9 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from app.artifact import ArtifactError
+from app.artifact import ArtifactError, ModelMetadata, read_metadata
 from app.engine import (
     Engine,
     EngineClosedError,
@@ -22,6 +22,7 @@ from app.engine import (
     QueueFullError,
     Request,
 )
+from app.engine.remote import RemoteEngine, engine_address
 from app.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -29,7 +30,7 @@ from app.errors import (
     UnavailableError,
 )
 from app.metrics import Metrics, ModelObserver
-from app.runtime import OnnxModel, RuntimeOptions, load_model
+from app.runtime import RuntimeOptions, load_model
 from app.schemas import (
     Alternative,
     CharDetail,
@@ -42,16 +43,50 @@ from app.schemas import (
     Usage,
 )
 from app.settings import Settings
+from app.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
 EMPTY_SEED_PRIMER = "\n"
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the HTTP side knows of a model: no onnxruntime session (that is the engine's)."""
+
+    name: str
+    dir: Path
+    meta: ModelMetadata
+    vocab: Vocabulary
+
+
+class EngineHandle(Protocol):
+    """A model's engine as the service drives it: a thread beside the event loop
+    (app.engine.local) or a process of its own (app.engine.remote)."""
+
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def predicted_wait_s(self) -> float: ...
+    @property
+    def chars_per_s(self) -> float: ...
+    @property
+    def provider(self) -> str: ...
+    def start(self) -> None: ...
+    async def submit(self, params: GenerationParams) -> Request: ...
+    async def drain(self, grace_s: float) -> bool: ...
+    def close(self) -> None: ...
+    def refresh_metrics(self) -> None: ...
+
+
 @dataclass
 class Served:
-    model: OnnxModel
-    engine: Engine
+    model: ModelSpec
+    engine: EngineHandle
     observer: ModelObserver
 
 
@@ -85,20 +120,29 @@ class ModelService:
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
-        """Load every model folder (validate, check graph, warm up). Any failure stops start-up.
-        Loading twice is a no-op: `python -m app` loads before uvicorn, then lifespan calls this."""
+        """Every model folder: with engine processes (CHARLSTM_ENGINE_DIR, set by the
+        supervisor) read its metadata and connect; otherwise load it here (validate, check
+        graph, warm up) and run its engine on a thread. Any failure stops start-up.
+        Loading twice is a no-op."""
         if self.models:
             return
-        opts = RuntimeOptions(device=self.settings.device,
-                              intra_op_threads=self.settings.intra_op_threads)
-        for folder in discover(self.settings.models_dir):
-            model = load_model(folder, opts)
-            observer = self.metrics.observer(model.name)
-            engine = Engine(model, max_batch=self.settings.max_batch,
-                            max_queue=self.settings.max_queue,
-                            max_wait_s=self.settings.max_wait_s, observer=observer,
-                            prefill_chunk_chars=self.settings.prefill_chunk_chars)
-            self.models[model.name] = Served(model, engine, observer)
+        s = self.settings
+        for folder in discover(s.models_dir):
+            if s.engine_dir is not None:
+                meta = read_metadata(folder)
+                spec = ModelSpec(folder.name, folder, meta, meta.vocabulary())
+                engine: EngineHandle = RemoteEngine(spec.name, engine_address(s.engine_dir,
+                                                                              spec.name))
+                observer = self.metrics.observer(spec.name)
+            else:
+                model = load_model(folder, RuntimeOptions(device=s.device,
+                                                          intra_op_threads=s.intra_op_threads))
+                spec = ModelSpec(model.name, folder, model.meta, model.vocab)
+                observer = self.metrics.observer(spec.name)
+                engine = Engine(model, max_batch=s.max_batch, max_queue=s.max_queue,
+                                max_wait_s=s.max_wait_s, observer=observer,
+                                prefill_chunk_chars=s.prefill_chunk_chars)
+            self.models[spec.name] = Served(spec, engine, observer)
         if self.settings.default_model not in self.models:
             raise ArtifactError(
                 f"default model {self.settings.default_model!r} is not in "
@@ -110,6 +154,14 @@ class ModelService:
         for served in self.models.values():
             served.engine.start()
         self.started = True
+
+    async def engines_up(self, timeout_s: float) -> bool:
+        """Wait for every engine process's first heartbeat (they were started before us)."""
+        ok = True
+        for served in self.models.values():
+            if isinstance(served.engine, RemoteEngine):
+                ok &= await served.engine.wait_alive(timeout_s)
+        return ok
 
     @property
     def dead_engines(self) -> list[str]:
@@ -157,7 +209,7 @@ class ModelService:
             name=m.name, cell=meta.architecture.cell, layers=meta.architecture.layers,
             units=meta.architecture.units, embedding_dim=meta.architecture.embedding_dim,
             parameters=meta.architecture.parameters, vocab_size=len(m.vocab),
-            lowercase=meta.lowercase, provider=m.provider,
+            lowercase=meta.lowercase, provider=served.engine.provider,
             validation_loss_nats=val.loss_nats if val else None,
             validation_bits_per_char=val.bits_per_char if val else None,
             corpus=meta.corpus.name,

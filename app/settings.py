@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     drain_s: float = Field(20.0, ge=0, description="SIGTERM grace period for running requests")
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     log_level: str = Field("info", description="Python logging level")
+    http_workers: int = Field(
+        0, ge=0, le=64, description="HTTP worker processes for `python -m app`; 0 picks one "
+        "per two cores (at least one), leaving the rest to the engine processes")
+    engine_dir: Path | None = Field(
+        None, description="set by `python -m app` for its workers: the folder of the engine "
+        "processes' sockets. Unset (as under `uvicorn app.main:app`), every model's engine "
+        "runs on a thread inside the one process")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from app.engine.core import (
     EngineCore,
@@ -32,20 +33,20 @@ class EngineClosedError(Exception):
 
 
 class Request(Sequence):
-    """A sequence plus what its reader on the event loop needs."""
+    """A sequence plus what its reader on the event loop needs (any engine driver)."""
 
-    def __init__(self, params: GenerationParams, engine: Engine) -> None:
+    def __init__(self, params: GenerationParams, on_cancel: Callable[[Request], None]) -> None:
         super().__init__(params)
         self.updated = asyncio.Event()
         self.refusal: QueueFullError | None = None
         self.decided = False  # admission decided (accepted, or refused with `refusal`)
-        self._engine = engine
+        self._on_cancel = on_cancel
 
     def cancel(self) -> None:
-        """Ask the worker to drop this request at its next iteration (safe from any thread)."""
+        """Ask the engine to drop this request at its next iteration (safe from any thread)."""
         if not self.cancelled:
             self.cancelled = True
-            self._engine._notify_cancel()
+            self._on_cancel(self)
 
     async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait for news (admission, new ids or the finish); False on timeout."""
@@ -105,6 +106,17 @@ class Engine:
     def chars_per_s(self) -> float:
         return self.core.chars_per_s
 
+    @property
+    def provider(self) -> str:
+        return str(getattr(self.model, "provider", "CPUExecutionProvider"))
+
+    def refresh_metrics(self) -> None:
+        """Gauges that change between engine events (the process engine publishes its own)."""
+        observer = self.core.observer
+        if observer is not None:
+            observer.on_queue(self.waiting, self.active)
+            observer.on_estimate(self.predicted_wait_s, self.chars_per_s)
+
     def start(self) -> None:
         """Start the worker; call from the event loop that will read the results."""
         self._loop = asyncio.get_running_loop()
@@ -116,7 +128,7 @@ class Engine:
         """Queue a request, or raise QueueFullError (429) / EngineClosedError (503)."""
         if not self.accepting:
             raise EngineClosedError(f"model {self.model.name!r} is not accepting requests")
-        req = Request(params, self)
+        req = Request(params, lambda _: self._notify_cancel())
         self._inbox.append(req)
         with self._cv:
             self._cv.notify()
