@@ -54,7 +54,8 @@ finite_f32 = st.floats(-F32_MAX, F32_MAX, width=32, allow_nan=False, allow_infin
 modest_f32 = st.floats(-30, 30, width=32)
 temperatures = st.one_of(st.just(0.0), st.floats(0, 5, width=32),
                          st.floats(0, 2.0**-10, width=32))
-top_ps = st.one_of(st.just(1.0), st.floats(0, 1, exclude_min=True, width=32))
+# 0.0 is what the engine's float32 arrays make of a valid but tiny top_p such as 1e-50.
+top_ps = st.one_of(st.just(1.0), st.just(0.0), st.floats(0, 1, exclude_min=True, width=32))
 unit = st.floats(0, 1, exclude_max=True)
 
 
@@ -330,3 +331,15 @@ def test_top_p_of_one_keeps_the_far_tail_in_a_mixed_batch() -> None:
                   temperature=np.array([0.5, 0], np.float32), top_k=np.array([0, 0]),
                   top_p=np.array([1, 0.5], np.float32), uniforms=np.array([0.0, 0.0]))
     assert batch.sample()[0] == batch.row(0).sample()[0] == 0
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 1e-40, 1e-6])
+def test_a_tiny_top_p_keeps_the_likeliest_id(top_p: float) -> None:
+    """Issue 11, defect 7: top_p = 1e-50 became 0 in float32, the nucleus kept nothing and the
+    fallback answered id 0 (a newline, in every model) instead of the likeliest id."""
+    logits = np.array([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]], np.float32)
+    batch = Batch(logits=logits, temperature=np.array([1.0, 0.7], np.float32),
+                  top_k=np.array([0, 0]), top_p=np.array([top_p, top_p], np.float32),
+                  uniforms=np.array([0.5, 0.99]))
+    assert list(batch.sample()) == [1, 0]
+    assert batch.row(0).sample()[0] == 1
