@@ -31,8 +31,10 @@ from app.errors import (
 from app.metrics import Metrics, ModelObserver
 from app.runtime import OnnxModel, RuntimeOptions, load_model
 from app.schemas import (
+    NATIVE_NAMES,
     Alternative,
     CharDetail,
+    FieldNames,
     GenerateRequest,
     GenerateResponse,
     ModelDetail,
@@ -40,6 +42,7 @@ from app.schemas import (
     StateInfo,
     Timings,
     Usage,
+    shown,
 )
 from app.settings import Settings
 
@@ -156,7 +159,10 @@ class ModelService:
         )
 
     # --- generation -----------------------------------------------------------------------
-    def prepare(self, body: GenerateRequest, stream: bool = False) -> Prepared:
+    def prepare(self, body: GenerateRequest, stream: bool = False,
+                names: FieldNames = NATIVE_NAMES) -> Prepared:
+        """Check the request against this server's limits and the model's vocabulary; messages
+        name the fields as the caller does (`names`)."""
         served = self.get(body.model)
         s = self.settings
         vocab = served.model.vocab
@@ -164,17 +170,18 @@ class ModelService:
         seed_text = body.seed_text.lower() if lower else body.seed_text
         if len(seed_text) > s.max_seed_chars:
             raise InvalidRequestError(
-                f"seed_text must have at most {s.max_seed_chars} characters, got {len(seed_text)}")
-        unknown = vocab.unknown(seed_text)
+                f"{names.seed_text} must have at most {s.max_seed_chars} characters, "
+                f"got {len(seed_text)}")
+        unknown = vocab.unknown_lowercased(body.seed_text) if lower else vocab.unknown(seed_text)
         if unknown:
-            shown = ", ".join(repr(c) for c in unknown[:20])
+            chars = ", ".join(repr(c) for c in unknown[:20])
             raise InvalidRequestError(
-                f"seed_text has characters not in the vocabulary of model {served.model.name!r}: "
-                f"{shown}")
+                f"{names.seed_text} has characters not in the vocabulary of model "
+                f"{served.model.name!r}: {chars}")
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
-        if max_new > s.max_new_chars:
+        if not 1 <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
-                f"max_new_chars must be in [1, {s.max_new_chars}], got {max_new}")
+                f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
         primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
                                else vocab.chars[0])
         stops = []

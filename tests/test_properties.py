@@ -324,6 +324,28 @@ def test_unknown_characters_are_named_in_order_of_appearance(
         assert f"and {len(unknown) - 20} more" in str(err.value)
 
 
+@props
+@given(alphabets, st.text(max_size=40))
+def test_characters_refused_after_lowercasing_are_named_as_sent(chars: list[str],
+                                                                 sent: str) -> None:
+    vocab = Vocabulary(chars)
+    named = vocab.unknown_lowercased(sent)
+    missing = vocab.unknown(sent.lower())
+    assert bool(named) == bool(missing)
+    for c in named:  # a character the caller sent, or one only lowercasing made
+        assert c in sent or c in missing
+    for m in missing:  # each missing character is accounted for by a named one
+        assert m in named or any(m in c.lower() for c in named if c in sent)
+    assert len(named) == len(set(named))
+
+
+def test_a_character_that_lowercases_to_two_is_named_as_sent() -> None:
+    vocab = Vocabulary(sorted("abcdefghijklmnopqrstuvwxyz "))
+    assert vocab.unknown("\u0130stanbul".lower()) == ["\u0307"]
+    assert vocab.unknown_lowercased("\u0130stanbul") == ["\u0130"]
+    assert vocab.unknown_lowercased("ISTANBUL") == []
+
+
 def test_top_p_of_one_keeps_the_far_tail_in_a_mixed_batch() -> None:
     """Found by the 2000-example run: beside a row with top_p < 1, a row with top_p = 1 lost
     ids whose preceding mass rounded to 1.0, so it sampled differently than alone."""

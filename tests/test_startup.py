@@ -25,6 +25,12 @@ def test_service_starts_with_the_bundled_models(tmp_path: Path) -> None:
                                           "max_new_chars": 20, "temperature": 0})
             assert r.json()["seed_text"] == "the will"
             assert r.json()["lowercased"] is True
+            # Issue 11, defect 10: 'İ' lowercases to 'i' + U+0307; name what the caller sent.
+            r = c.post("/generate", json={"model": "nietzsche", "seed_text": "\u0130stanbul"})
+            assert r.status_code == 422
+            assert r.json()["error"]["message"] == (
+                "seed_text has characters not in the vocabulary of model 'nietzsche': "
+                "'\u0130'")
     finally:
         stop_server(srv)
     assert "shakespeare on CPUExecutionProvider" in srv.log()
