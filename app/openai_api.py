@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.api import ERROR_RESPONSES, Svc, require_key, until_disconnected
+from app.api import ERROR_RESPONSES, Svc, until_disconnected
+from app.auth import bearer
 from app.engine import Request as EngineRequest
 from app.errors import InvalidRequestError, error_body
 from app.schemas import (
@@ -35,7 +36,7 @@ from app.schemas import (
 )
 from app.service import ModelService, Prepared
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES,
+router = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=ERROR_RESPONSES,
                    tags=["openai"])
 
 OPENAI_FINISH = {"length": "length", "stop": "stop", "time_limit": "length"}
