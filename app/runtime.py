@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from app.artifact import ArtifactError, ModelMetadata, read_metadata
+from app.artifact import ArtifactError, ModelMetadata, check_artifact_file, read_metadata
 from app.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ def load_model(model_dir: Path, options: RuntimeOptions | None = None) -> OnnxMo
     onnx_path = model_dir / meta.onnx.file
     if Path(meta.onnx.file).name != meta.onnx.file:
         raise ArtifactError(f"{model_dir / 'model.json'}: onnx.file must be a plain file name")
+    check_artifact_file(onnx_path, model_dir.parent)
     if not onnx_path.is_file():
         raise ArtifactError(f"{onnx_path}: missing (named by {model_dir / 'model.json'})")
     provider = choose_provider(options.device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.artifact import ArtifactError
+from app.artifact import ArtifactError, check_inside
 from app.engine import (
     Engine,
     EngineClosedError,
@@ -71,6 +71,8 @@ def discover(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         raise ArtifactError(f"{models_dir}: models directory not found")
     found = sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in found:
+        check_inside(folder, models_dir)
     if not found:
         raise ArtifactError(f"{models_dir}: no model folders (export one with "
                             "`python -m training export`)")
