@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 
 from app.artifact import ArtifactError
+from app.connections import HttpLimits, LimitedConfig
 from app.main import create_app
 from app.service import ModelService
 from app.settings import Settings
@@ -54,13 +55,15 @@ def main() -> int:
     except ArtifactError as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(), proxy_headers=True,
-                            timeout_graceful_shutdown=5,
-                            # Longer than client pools (httpx 5 s) and load balancers (often
-                            # 60 s) keep idle connections, so the server is never the side that
-                            # closes one just as a request is sent on it.
-                            timeout_keep_alive=75)
+    config = LimitedConfig(app, host=settings.host, port=settings.port,
+                           log_level=settings.log_level.lower(), proxy_headers=True,
+                           timeout_graceful_shutdown=5,
+                           # Longer than client pools (httpx 5 s) and load balancers (often
+                           # 60 s) keep idle connections, so the server is never the side that
+                           # closes one just as a request is sent on it.
+                           timeout_keep_alive=75,
+                           limit_concurrency=settings.max_connections,
+                           http_limits=HttpLimits.from_settings(settings))
     server = DrainingServer(config, svc, settings.drain_s)
     print(f"serving {settings.models_dir}/ at http://{settings.host}:{settings.port}/ "
           f"(API docs at /docs)", flush=True)

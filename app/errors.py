@@ -48,6 +48,14 @@ class PayloadTooLargeError(ServiceError):
     status, type = 413, "payload_too_large"
 
 
+class RequestTimeoutError(ServiceError):
+    status, type = 408, "request_timeout"
+
+
+class HeadersTooLargeError(ServiceError):
+    status, type = 431, "headers_too_large"
+
+
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
