@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
-from app.auth import bearer
+from app.auth import requires_key
 from app.errors import ClientGoneError, error_body
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
 from app.service import ModelService, Prepared
@@ -29,7 +29,7 @@ async def service(request: Request) -> ModelService:
 
 
 Svc = Annotated[ModelService, Depends(service)]
-protected = APIRouter(dependencies=[Depends(bearer)], responses=ERROR_RESPONSES)
+protected = APIRouter(dependencies=[Depends(requires_key)], responses=ERROR_RESPONSES)
 open_routes = APIRouter()
 
 

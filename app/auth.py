@@ -3,33 +3,40 @@
 A route dependency runs only after FastAPI has read and parsed the body, so a caller without a
 key would learn from a 413 or a 422 what the service accepts, and could make it read up to the
 body limit. `ApiKeyMiddleware` answers 401 from the headers alone, for exactly the routes that
-carry the `bearer` dependency.
+carry the `requires_key` dependency.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
+from typing import Annotated
 
+from fastapi import Header
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPBearer
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import UnauthorizedError, error_response
 
-# Marks a router's routes as needing a key and documents the scheme in the OpenAPI schema; it
-# checks nothing itself (auto_error=False): ApiKeyMiddleware has answered before it runs.
-bearer = HTTPBearer(auto_error=False, description="one of CHARLSTM_API_KEYS, when configured")
+AuthorizationHeader = Annotated[str | None, Header(
+    description="Bearer <key>: one of CHARLSTM_API_KEYS, when keys are configured")]
+
+
+async def requires_key(authorization: AuthorizationHeader = None) -> None:
+    """Marks a router's routes as needing a key, and documents the header in OpenAPI as
+    optional (an OpenAPI security requirement would say always required, which is false when
+    no keys are configured). It checks nothing: ApiKeyMiddleware has answered before it runs."""
+
 
 UNAUTHORIZED = "missing or invalid API key (send Authorization: Bearer <key>)"
 
 
 def guarded_routes(routes: Sequence[BaseRoute]) -> list[APIRoute]:
-    """The routes declared with the `bearer` dependency (on the route or its router). Pass the
-    routers' own routes: an app's `routes` may hold included routers rather than their routes."""
+    """The routes declared with the `requires_key` dependency (on the route or its router).
+    Pass the routers' own routes: an app's `routes` may hold included routers, not routes."""
     return [r for r in routes if isinstance(r, APIRoute)
-            and any(d.dependency is bearer for d in r.dependencies)]
+            and any(d.dependency is requires_key for d in r.dependencies)]
 
 
 class ApiKeyMiddleware:

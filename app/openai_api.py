@@ -21,7 +21,7 @@ from fastapi.sse import KEEPALIVE_COMMENT
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api import ERROR_RESPONSES, Svc, until_disconnected
-from app.auth import bearer
+from app.auth import requires_key
 from app.engine import Request as EngineRequest
 from app.errors import InvalidRequestError, error_body
 from app.schemas import (
@@ -36,7 +36,7 @@ from app.schemas import (
 )
 from app.service import ModelService, Prepared
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=ERROR_RESPONSES,
+router = APIRouter(prefix="/v1", dependencies=[Depends(requires_key)], responses=ERROR_RESPONSES,
                    tags=["openai"])
 
 OPENAI_FINISH = {"length": "length", "stop": "stop", "time_limit": "length"}
