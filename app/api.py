@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -14,7 +13,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
-from app.errors import ClientGoneError, UnauthorizedError, error_body
+from app.auth import requires_key
+from app.errors import ClientGoneError, error_body
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
 from app.service import ModelService, Prepared
 
@@ -29,24 +29,8 @@ async def service(request: Request) -> ModelService:
     return svc
 
 
-async def require_key(request: Request,
-                      authorization: Annotated[str | None, Header()] = None) -> None:
-    keys: list[str] = request.app.state.settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
-    # Compare against every key, always, so timing says nothing about which part was wrong.
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(presented, key.encode())
-    if not ok:
-        raise UnauthorizedError("missing or invalid API key (send Authorization: Bearer <key>)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-
 Svc = Annotated[ModelService, Depends(service)]
-protected = APIRouter(dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+protected = APIRouter(dependencies=[Depends(requires_key)], responses=ERROR_RESPONSES)
 open_routes = APIRouter()
 
 

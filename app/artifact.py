@@ -7,6 +7,7 @@ without pulling in TensorFlow or onnxruntime.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -202,9 +203,46 @@ class ModelMetadata(_Strict):
         return [self.onnx.file, *(v.file for v in self.variants)]
 
 
+_NOT_REGULAR = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device")]
+
+
+def check_inside(path: Path, models_dir: Path) -> None:
+    """Refuse a path that leads, through links, outside the models folder: the service would
+    otherwise serve whatever a link points at, and say nothing."""
+    try:
+        resolved, root = path.resolve(), models_dir.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of links (Python < 3.13)
+        raise ArtifactError(f"{path}: cannot resolve its links: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise ArtifactError(f"{path}: a link to {resolved}, outside the models folder {root}; "
+                            "copy it in, or link only within the folder")
+
+
+def check_artifact_file(path: Path, models_dir: Path) -> None:
+    """Refuse, without opening it, a file that leads outside the models folder or is not a
+    regular file: opening a FIFO blocks until something writes to it (start-up would hang with
+    no message), and a device may never end. A missing file passes, for the caller to name."""
+    check_inside(path, models_dir)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read: {exc}") from None
+    for is_kind, kind in _NOT_REGULAR:
+        if is_kind(mode):
+            raise ArtifactError(f"{path}: is {kind}, not a regular file")
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{path}: not a regular file")
+
+
 def read_metadata(model_dir: Path) -> ModelMetadata:
-    """Parse and validate `model_dir/model.json`, or raise ArtifactError naming the file."""
+    """Parse and validate `model_dir/model.json`, or raise ArtifactError naming the file.
+    The folder holding `model_dir` is the models folder that its files must stay inside."""
     path = model_dir / METADATA_FILE
+    check_artifact_file(path, model_dir.parent)
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,14 @@ class PayloadTooLargeError(ServiceError):
     status, type = 413, "payload_too_large"
 
 
+class RequestTimeoutError(ServiceError):
+    status, type = 408, "request_timeout"
+
+
+class HeadersTooLargeError(ServiceError):
+    status, type = 431, "headers_too_large"
+
+
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
@@ -82,6 +91,16 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _unreadable_body(cause: BaseException | None) -> str:
+    if isinstance(cause, RecursionError):
+        return "request body nests arrays or objects too deeply"
+    if type(cause) is ValueError:
+        # Python refuses to read integers longer than this (CVE-2020-10735); no field takes one.
+        return (f"request body holds a number with more than {sys.get_int_max_str_digits()} "
+                "digits; no field accepts a number that large")
+    return "request body is not valid JSON in UTF-8"
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
@@ -95,9 +114,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
-            # FastAPI's body reader fails this way on bytes json.loads cannot decode.
-            return JSONResponse(error_body(
-                "invalid_request", "request body is not valid JSON in UTF-8"), status_code=422)
+            # FastAPI's body reader fails this way on what json.loads raises beside
+            # JSONDecodeError; the cause says which.
+            return JSONResponse(error_body("invalid_request", _unreadable_body(exc.__cause__)),
+                                status_code=422)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

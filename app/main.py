@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import api, openai_api
 from app.artifact import ArtifactError
+from app.auth import ApiKeyMiddleware
 from app.errors import install_handlers
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics
@@ -53,15 +54,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = svc
     install_handlers(app)
-    app.include_router(api.protected)
-    app.include_router(openai_api.router)
-    app.include_router(api.open_routes)
+    routers = [api.protected, openai_api.router, api.open_routes]
+    for router in routers:
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")
+    # Outermost last: CORS (so browsers can read every refusal), then the key check, then the
+    # body limit, so a caller without a key gets 401 before its body is measured or parsed.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys,
+                       routes=[route for r in routers for route in r.routes])
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "Accept"])
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
 
 

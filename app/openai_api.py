@@ -13,33 +13,44 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.api import ERROR_RESPONSES, Svc, require_key, until_disconnected
+from app.api import ERROR_RESPONSES, Svc, until_disconnected
+from app.auth import requires_key
 from app.engine import Request as EngineRequest
 from app.errors import InvalidRequestError, error_body
 from app.schemas import (
+    FieldNames,
     GenerateRequest,
     GenerateResponse,
     Seed,
     Stops,
     Temperature,
     TopP,
+    number_in,
 )
 from app.service import ModelService, Prepared
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES,
+router = APIRouter(prefix="/v1", dependencies=[Depends(requires_key)], responses=ERROR_RESPONSES,
                    tags=["openai"])
 
 OPENAI_FINISH = {"length": "length", "stop": "stop", "time_limit": "length"}
 
 
+# OpenAI's legacy completions default: what its clients expect when they send nothing or null.
+DEFAULT_MAX_TOKENS = 16
+# How the service's limit checks name these fields in their messages.
+V1_NAMES = FieldNames(seed_text="prompt", max_new_chars="max_tokens")
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
@@ -49,41 +60,24 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str] = ""
-    max_tokens: int | None = Field(16, description="characters to generate")
+    max_tokens: int | None = Field(
+        DEFAULT_MAX_TOKENS, description="characters to generate, 1 to the server's limit; "
+        f"omitted or null means {DEFAULT_MAX_TOKENS}, as in OpenAI's API")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     seed: Seed = None
     stop: Stops = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: int | None = Field(None, description="top alternatives per character, 0 to 5")
+    n: Annotated[int, number_in(1, 1, want="1 (one completion per request)")] = 1
+    logprobs: Annotated[int | None, number_in(0, 5)] = Field(
+        None, description="top alternatives per character, 0 to 5")
     echo: bool = False
-
-
-
-
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"n must be 1 (one completion per request), got {v}")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= 5:
-            raise ValueError(f"logprobs must be in [0, 5], got {v}")
-        return v
 
     @field_validator("max_tokens")
     @classmethod
-    def _max_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {v}")
-        return v
+    def _max_tokens(cls, v: int | None) -> int:
+        return DEFAULT_MAX_TOKENS if v is None else v
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -147,7 +141,7 @@ async def list_models(svc: Svc) -> ModelCardList:
 )
 async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Response:
     native = body.to_generate()
-    prep = svc.prepare(native, body.stream)
+    prep = svc.prepare(native, body.stream, V1_NAMES)
     cid = f"cmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:

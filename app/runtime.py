@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from app.artifact import ArtifactError, ModelMetadata, read_metadata
+from app.artifact import ArtifactError, ModelMetadata, check_artifact_file, read_metadata
 from app.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ def open_step_graph(model_dir: Path, meta: ModelMetadata, graph_file: str,
     if Path(graph_file).name != graph_file:
         raise ArtifactError(f"{model_dir / 'model.json'}: {graph_file!r} must be a plain file "
                             "name")
+    check_artifact_file(onnx_path, model_dir.parent)
     if not onnx_path.is_file():
         raise ArtifactError(f"{onnx_path}: missing (named by {model_dir / 'model.json'})")
     provider = choose_provider(options.device)

@@ -59,9 +59,11 @@ def sample_next(
         sorted_p /= sorted_p.sum(axis=-1, keepdims=True)
         mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
         rank = np.arange(vocab)[None, :]
-        # Keep the first k, and the smallest prefix whose mass reaches top_p (always >= 1 id).
-        # top_p >= 1 keeps everything: mass_before can round up to 1.0 in a long tail.
-        keep_sorted = (rank < k[:, None]) & ((mass_before < top_p[:, None])
+        # Keep the first k, and the smallest prefix whose mass reaches top_p. The likeliest id
+        # is always kept: a top_p below float32's range (1e-50) arrives here as 0, and
+        # mass_before < 0 would keep nothing. top_p >= 1 keeps everything: mass_before can
+        # round up to 1.0 in a long tail.
+        keep_sorted = (rank < k[:, None]) & ((rank == 0) | (mass_before < top_p[:, None])
                                              | (top_p[:, None] >= 1.0))
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, axis=-1)

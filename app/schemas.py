@@ -3,32 +3,53 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 MAX_TEMPERATURE = 5.0
+MAX_TOP_K = 2**31 - 1
 MAX_STOPS = 8
 MAX_STOP_CHARS = 64
 FinishReason = Literal["length", "stop", "time_limit", "cancelled", "error"]
 
 
-def check_temperature(v: float) -> float:
-    if not math.isfinite(v) or not 0 <= v <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {v:g}")
-    return v
+def shown(v: object) -> str:
+    """A number as an error message shows it: as sent when short, else its first digits and
+    its length (a 4000-digit integer is valid JSON)."""
+    text = f"{v:g}" if isinstance(v, float) else str(v)
+    if len(text) <= 24:
+        return text
+    return f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
 
 
-def check_top_p(v: float) -> float:
-    if not math.isfinite(v) or not 0 < v <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {v:g}")
-    return v
+def number_in(lo: float, hi: float, *, lo_open: bool = False, want: str | None = None,
+              note: str = "") -> WrapValidator:
+    """Refuse a number outside [lo, hi] ((lo, hi] with lo_open), NaN included, with a message
+    naming the field and the range. It runs before type validation, so a number the field's
+    type cannot hold (2**64 as top_k, 10**400 as a temperature) gets this message too, rather
+    than pydantic's "not a valid number" or an overflow deeper in. Python compares ints and
+    floats exactly, so no conversion can overflow here."""
+    want = want or f"in {'(' if lo_open else '['}{shown(lo)}, {shown(hi)}]"
 
+    def check(v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            too_low = v <= lo if lo_open else v < lo
+            if too_low or v > hi or (isinstance(v, float) and math.isnan(v)):
+                raise ValueError(f"{info.field_name} must be {want}{note}, got {shown(v)}")
+        return handler(v)
 
-def check_seed(v: int | None) -> int | None:
-    if v is not None and not 0 <= v < 2**63:
-        raise ValueError(f"seed must be in [0, 2^63), got {v}")
-    return v
+    return WrapValidator(check)
 
 
 def check_stops(v: list[str] | str | None) -> list[str]:
@@ -42,11 +63,29 @@ def check_stops(v: list[str] | str | None) -> list[str]:
     return stops
 
 
-# Sampling fields shared by /generate and /v1/completions, validated the same way.
-Temperature = Annotated[float, AfterValidator(check_temperature)]
-TopP = Annotated[float, AfterValidator(check_top_p)]
-Seed = Annotated[int | None, AfterValidator(check_seed)]
+# Numeric fields shared by /generate and /v1/completions, validated the same way.
+Temperature = Annotated[float, number_in(0, MAX_TEMPERATURE)]
+TopP = Annotated[float, number_in(0, 1, lo_open=True)]
+# Any seed a row's random key can take (app/rng.py).
+Seed = Annotated[int | None, number_in(0, 2**63 - 1, want="in [0, 2^63)")]
 Stops = Annotated[list[str] | str | None, AfterValidator(check_stops)]
+# The engine holds top_k in int64; any k >= the vocabulary size already keeps every id.
+TopK = Annotated[int, number_in(0, MAX_TOP_K, note=" (0 switches it off)")]
+# Finite and positive; a huge value is fine, the server's limit caps it.
+TimeLimit = Annotated[float | None, number_in(0, sys.float_info.max, lo_open=True,
+                                              want="a positive number of seconds")]
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """What the caller calls the fields that the service checks against its own limits
+    (`ModelService.prepare`): /v1/completions says `prompt` and `max_tokens`."""
+
+    seed_text: str = "seed_text"
+    max_new_chars: str = "max_new_chars"
+
+
+NATIVE_NAMES = FieldNames()
 
 
 class GenerateRequest(BaseModel):
@@ -62,41 +101,18 @@ class GenerateRequest(BaseModel):
         "newline that is not echoed back. Lowercased first for models trained on lowercase.")
     temperature: Temperature = Field(
         1.0, description="0 is greedy (argmax); otherwise softmax(log(p) / T), in [0, 5]")
-    max_new_chars: int | None = Field(None, description="characters to generate (1 to the limit)")
-    top_k: int = Field(0, description="sample among the k likeliest characters; 0 is off")
+    max_new_chars: int | None = Field(
+        None, description="characters to generate, 1 to the server's limit; the server's default "
+        "when omitted")
+    top_k: TopK = Field(0, description="sample among the k likeliest characters; 0 is off")
     top_p: TopP = Field(1.0, description="nucleus sampling mass in (0, 1]; 1 is off")
-    seed: Seed = Field(None, description="random seed for a reproducible reply")
+    seed: Seed = Field(None, description="random seed for a reproducible reply, in [0, 2^63)")
     stop: Stops = Field(
         None, description="stop string(s), never included in the reply; up to 8, 64 chars each")
     stream: bool = Field(False, description="reply with server-sent events")
     details: bool = Field(False, description="add each character's probability and the top "
                                              "alternatives")
-    time_limit_s: float | None = Field(None, description="wall-time limit, at most the server's")
-
-
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"top_k must be >= 0 (0 switches it off), got {v}")
-        return v
-
-
-    @field_validator("max_new_chars")
-    @classmethod
-    def _max_new(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"max_new_chars must be >= 1, got {v}")
-        return v
-
-    @field_validator("time_limit_s")
-    @classmethod
-    def _time_limit(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or v <= 0):
-            raise ValueError(f"time_limit_s must be a positive number, got {v:g}")
-        return v
-
+    time_limit_s: TimeLimit = Field(None, description="wall-time limit, at most the server's")
 
 
 class Usage(BaseModel):

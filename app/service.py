@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from app.artifact import ArtifactError, ModelMetadata, read_metadata
+from app.artifact import ArtifactError, ModelMetadata, check_inside, read_metadata
 from app.engine import (
     Engine,
     EngineClosedError,
@@ -32,8 +32,10 @@ from app.errors import (
 from app.metrics import Metrics, ModelObserver
 from app.runtime import RuntimeOptions, load_model
 from app.schemas import (
+    NATIVE_NAMES,
     Alternative,
     CharDetail,
+    FieldNames,
     GenerateRequest,
     GenerateResponse,
     ModelDetail,
@@ -41,6 +43,7 @@ from app.schemas import (
     StateInfo,
     Timings,
     Usage,
+    shown,
 )
 from app.settings import Settings
 from app.vocab import Vocabulary
@@ -103,6 +106,8 @@ def discover(models_dir: Path) -> list[Path]:
     if not models_dir.is_dir():
         raise ArtifactError(f"{models_dir}: models directory not found")
     found = sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in found:
+        check_inside(folder, models_dir)
     if not found:
         raise ArtifactError(f"{models_dir}: no model folders (export one with "
                             "`python -m training export`)")
@@ -228,7 +233,10 @@ class ModelService:
         )
 
     # --- generation -----------------------------------------------------------------------
-    def prepare(self, body: GenerateRequest, stream: bool = False) -> Prepared:
+    def prepare(self, body: GenerateRequest, stream: bool = False,
+                names: FieldNames = NATIVE_NAMES) -> Prepared:
+        """Check the request against this server's limits and the model's vocabulary; messages
+        name the fields as the caller does (`names`)."""
         served = self.get(body.model)
         s = self.settings
         vocab = served.model.vocab
@@ -236,17 +244,18 @@ class ModelService:
         seed_text = body.seed_text.lower() if lower else body.seed_text
         if len(seed_text) > s.max_seed_chars:
             raise InvalidRequestError(
-                f"seed_text must have at most {s.max_seed_chars} characters, got {len(seed_text)}")
-        unknown = vocab.unknown(seed_text)
+                f"{names.seed_text} must have at most {s.max_seed_chars} characters, "
+                f"got {len(seed_text)}")
+        unknown = vocab.unknown_lowercased(body.seed_text) if lower else vocab.unknown(seed_text)
         if unknown:
-            shown = ", ".join(repr(c) for c in unknown[:20])
+            chars = ", ".join(repr(c) for c in unknown[:20])
             raise InvalidRequestError(
-                f"seed_text has characters not in the vocabulary of model {served.model.name!r}: "
-                f"{shown}")
+                f"{names.seed_text} has characters not in the vocabulary of model "
+                f"{served.model.name!r}: {chars}")
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
-        if max_new > s.max_new_chars:
+        if not 1 <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
-                f"max_new_chars must be in [1, {s.max_new_chars}], got {max_new}")
+                f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
         primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
                                else vocab.chars[0])
         stops = []

@@ -37,6 +37,22 @@ class Settings(BaseSettings):
     max_seed_chars: int = Field(4000, ge=1, description="longest accepted seed_text")
     time_limit_s: float = Field(120.0, gt=0, description="per-request wall-time limit")
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    # HTTP limits, enforced before a request reaches the app (app/connections.py, uvicorn).
+    max_header_bytes: int = Field(
+        16384, ge=1024, le=1 << 20, description="request line plus headers; a larger block "
+        "gets 431 and the connection closed (16 KiB, as Node.js and h11)")
+    max_headers: int = Field(100, ge=8, description="header fields per request; more get 431 "
+                                                    "(100, as Apache)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's header block must be complete this long after the "
+        "connection opens, or after the request's first byte on a kept-alive connection; "
+        "then 408 and close")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for more of a request body; then 408 and close")
+    max_connections: int = Field(
+        2048, ge=1, description="open connections (and running requests) before new requests "
+        "get uvicorn's 503; above the request capacity of two models at the default rows and "
+        "queue (2 x 512), so a full model still answers its own 429")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer keys; empty disables auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(

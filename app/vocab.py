@@ -63,6 +63,19 @@ class Vocabulary:
         """Characters of `text` missing from the vocabulary, in order of first appearance."""
         return list(dict.fromkeys(c for c in text if c not in self._index))
 
+    def unknown_lowercased(self, sent: str) -> list[str]:
+        """The characters of `sent` that make `sent.lower()` unspellable, named as the caller
+        sent them: 'İ' lowercases to 'i' + U+0307, and U+0307 is not what the caller typed.
+        A lowercased character that no single sent character gives (a final 'ς', which 'Σ'
+        becomes only at the end of a word) is named as it is."""
+        missing = self.unknown(sent.lower())
+        if not missing:
+            return []
+        bad = set(missing)
+        named = [c for c in dict.fromkeys(sent) if any(low in bad for low in c.lower())]
+        covered = {low for c in named for low in c.lower()}
+        return named + [m for m in missing if m not in covered]
+
     def encode(self, text: str) -> npt.NDArray[np.int32]:
         missing = self.unknown(text)
         if missing:

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.connections import HttpLimits, LimitedConfig
 from app.main import create_app
 from app.service import ModelService
 from app.settings import Settings
@@ -51,13 +52,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(app, host=settings.host, port=settings.port,
-                          log_level=settings.log_level.lower(), proxy_headers=True,
-                          timeout_graceful_shutdown=5,
-                          # Longer than client pools (httpx 5 s) and load balancers (often
-                          # 60 s) keep idle connections, so the server is never the side that
-                          # closes one just as a request is sent on it.
-                          timeout_keep_alive=75)
+    return LimitedConfig(app, host=settings.host, port=settings.port,
+                         log_level=settings.log_level.lower(), proxy_headers=True,
+                         timeout_graceful_shutdown=5,
+                         # Longer than client pools (httpx 5 s) and load balancers (often
+                         # 60 s) keep idle connections, so the server is never the side that
+                         # closes one just as a request is sent on it.
+                         timeout_keep_alive=75,
+                         # Per worker process: CHARLSTM_HTTP_WORKERS x this in all.
+                         limit_concurrency=settings.max_connections,
+                         http_limits=HttpLimits.from_settings(settings))
 
 
 def main(settings: Settings, sock: socket.socket, engine_dir: Path) -> None:

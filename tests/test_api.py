@@ -156,9 +156,9 @@ def test_full_queue_answers_429_with_retry_after_while_admitted_requests_complet
     ({"model": "nope"}, 404, "model 'nope' not found; available: tiny"),
     ({"model": "../tiny"}, 404, "not found"),
     ({"max_new_chars": 10**9}, 422, "max_new_chars must be in [1, 5000], got 1000000000"),
-    ({"max_new_chars": 0}, 422, "max_new_chars must be >= 1"),
+    ({"max_new_chars": 0}, 422, "max_new_chars must be in [1, 5000], got 0"),
     ({"top_p": 0}, 422, "top_p must be in (0, 1]"),
-    ({"top_k": -3}, 422, "top_k must be >= 0"),
+    ({"top_k": -3}, 422, "top_k must be in [0, 2147483647] (0 switches it off), got -3"),
     ({"seed": -1}, 422, "seed must be in"),
     ({"stop": [""]}, 422, "stop string"),
     ({"stream": "maybe"}, 422, "stream"),
@@ -182,6 +182,57 @@ def test_malformed_bodies_get_422(server: Server, raw: bytes) -> None:
         r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["type"] == "invalid_request"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    # Issue 11, defect 1: 2^63 passed validation and overflowed the engine's int64 array.
+    (b'{"top_k": 9223372036854775808}',
+     "top_k must be in [0, 2147483647] (0 switches it off), got 9223372036854775808"),
+    (b'{"top_k": 18446744073709551616}',
+     "top_k must be in [0, 2147483647] (0 switches it off), got 18446744073709551616"),
+    (b'{"top_k": -9223372036854775808}',
+     "top_k must be in [0, 2147483647] (0 switches it off), got -9223372036854775808"),
+    (b'{"seed": 9223372036854775808}', "seed must be in [0, 2^63), got 9223372036854775808"),
+    (b'{"seed": -9223372036854775808}', "seed must be in [0, 2^63), got -9223372036854775808"),
+    (b'{"max_new_chars": 18446744073709551616}',
+     "max_new_chars must be in [1, 5000], got 18446744073709551616"),
+    (b'{"max_new_chars": -9223372036854775808}',
+     "max_new_chars must be in [1, 5000], got -9223372036854775808"),
+    (b'{"temperature": 1e308}', "temperature must be in [0, 5], got 1e+308"),
+    (b'{"temperature": 1' + b"0" * 400 + b"}",
+     "temperature must be in [0, 5], got 100000000000... (401 digits)"),
+    (b'{"top_p": 18446744073709551616}', "top_p must be in (0, 1], got 18446744073709551616"),
+    (b'{"top_p": -Infinity}', "top_p must be in (0, 1], got -inf"),
+    (b'{"time_limit_s": NaN}', "time_limit_s must be a positive number of seconds, got nan"),
+    (b'{"time_limit_s": 1e400}', "time_limit_s must be a positive number of seconds, got inf"),
+    (b'{"time_limit_s": 0}', "time_limit_s must be a positive number of seconds, got 0"),
+    (b'{"seed": 1' + b"0" * 5000 + b"}",
+     "request body holds a number with more than 4300 digits; no field accepts a number that "
+     "large"),
+    (b"[" * 5000 + b"]" * 5000, "request body nests arrays or objects too deeply"),
+])
+def test_numbers_out_of_range_get_422_naming_the_field_and_range(server: Server, raw: bytes,
+                                                                 message: str) -> None:
+    with server.client() as c:
+        r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json() == {"error": {"type": "invalid_request", "message": message}}
+
+
+def test_the_largest_valid_numbers_are_served(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/generate", content=b'{"top_k": 2147483647, "seed": 9223372036854775807, '
+                   b'"time_limit_s": 1e308, "temperature": 5, "top_p": 1, "max_new_chars": 5}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert r.json()["finish_reason"] == "length"
+        # Issue 11, defect 7: a top_p below float32's range sampled id 0 (newlines) every time.
+        greedy = c.post("/generate", json={"seed_text": "KING", "temperature": 0,
+                                           "max_new_chars": 40}).json()["text"]
+        for top_p in (1e-50, 1e-6):
+            r = c.post("/generate", json={"seed_text": "KING", "top_p": top_p, "seed": 3,
+                                          "max_new_chars": 40})
+            assert r.json()["text"] == greedy
 
 
 def test_oversized_body_gets_413_before_parsing(server: Server) -> None:

@@ -54,7 +54,8 @@ finite_f32 = st.floats(-F32_MAX, F32_MAX, width=32, allow_nan=False, allow_infin
 modest_f32 = st.floats(-30, 30, width=32)
 temperatures = st.one_of(st.just(0.0), st.floats(0, 5, width=32),
                          st.floats(0, 2.0**-10, width=32))
-top_ps = st.one_of(st.just(1.0), st.floats(0, 1, exclude_min=True, width=32))
+# 0.0 is what the engine's float32 arrays make of a valid but tiny top_p such as 1e-50.
+top_ps = st.one_of(st.just(1.0), st.just(0.0), st.floats(0, 1, exclude_min=True, width=32))
 unit = st.floats(0, 1, exclude_max=True)
 
 
@@ -323,6 +324,28 @@ def test_unknown_characters_are_named_in_order_of_appearance(
         assert f"and {len(unknown) - 20} more" in str(err.value)
 
 
+@props
+@given(alphabets, st.text(max_size=40))
+def test_characters_refused_after_lowercasing_are_named_as_sent(chars: list[str],
+                                                                 sent: str) -> None:
+    vocab = Vocabulary(chars)
+    named = vocab.unknown_lowercased(sent)
+    missing = vocab.unknown(sent.lower())
+    assert bool(named) == bool(missing)
+    for c in named:  # a character the caller sent, or one only lowercasing made
+        assert c in sent or c in missing
+    for m in missing:  # each missing character is accounted for by a named one
+        assert m in named or any(m in c.lower() for c in named if c in sent)
+    assert len(named) == len(set(named))
+
+
+def test_a_character_that_lowercases_to_two_is_named_as_sent() -> None:
+    vocab = Vocabulary(sorted("abcdefghijklmnopqrstuvwxyz "))
+    assert vocab.unknown("\u0130stanbul".lower()) == ["\u0307"]
+    assert vocab.unknown_lowercased("\u0130stanbul") == ["\u0130"]
+    assert vocab.unknown_lowercased("ISTANBUL") == []
+
+
 def test_top_p_of_one_keeps_the_far_tail_in_a_mixed_batch() -> None:
     """Found by the 2000-example run: beside a row with top_p < 1, a row with top_p = 1 lost
     ids whose preceding mass rounded to 1.0, so it sampled differently than alone."""
@@ -330,3 +353,15 @@ def test_top_p_of_one_keeps_the_far_tail_in_a_mixed_batch() -> None:
                   temperature=np.array([0.5, 0], np.float32), top_k=np.array([0, 0]),
                   top_p=np.array([1, 0.5], np.float32), uniforms=np.array([0.0, 0.0]))
     assert batch.sample()[0] == batch.row(0).sample()[0] == 0
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 1e-40, 1e-6])
+def test_a_tiny_top_p_keeps_the_likeliest_id(top_p: float) -> None:
+    """Issue 11, defect 7: top_p = 1e-50 became 0 in float32, the nucleus kept nothing and the
+    fallback answered id 0 (a newline, in every model) instead of the likeliest id."""
+    logits = np.array([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]], np.float32)
+    batch = Batch(logits=logits, temperature=np.array([1.0, 0.7], np.float32),
+                  top_k=np.array([0, 0]), top_p=np.array([top_p, top_p], np.float32),
+                  uniforms=np.array([0.5, 0.99]))
+    assert list(batch.sample()) == [1, 0]
+    assert batch.row(0).sample()[0] == 1

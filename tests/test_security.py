@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,33 +15,78 @@ import pytest
 from tests.conftest import Server, start_server, stop_server
 from tests.test_startup import start_expecting_failure
 
+UNAUTHORIZED = {"error": {
+    "type": "unauthorized",
+    "message": "missing or invalid API key (send Authorization: Bearer <key>)"}}
+JSON = {"content-type": "application/json"}
 
-def test_api_keys_are_required_when_configured(tiny_models: Path, tmp_path: Path) -> None:
-    srv = start_server(tiny_models, tmp_path / "server.log", api_keys="k-one, k-two")
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Server]:
+    srv = start_server(tiny_models, tmp_path_factory.mktemp("keyed") / "server.log",
+                       api_keys="k-one, k-two")
+    yield srv
+    stop_server(srv)
+
+
+def test_api_keys_are_required_when_configured(keyed_server: Server) -> None:
     body = {"seed_text": "A", "max_new_chars": 5}
-    try:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            answers = [
-                c.post("/generate", json=body),
-                c.post("/generate", json=body, headers={"Authorization": "Bearer wrong"}),
-                c.post("/generate", json=body, headers={"Authorization": "Basic k-one"}),
-                c.get("/models", headers={"Authorization": "Bearer k-on"}),
-                c.post("/v1/completions", json={"prompt": "A"}),
-            ]
-            for r in answers:
-                assert r.status_code == 401
-                assert r.headers["www-authenticate"] == "Bearer"
-                # one message whatever was wrong: nothing hints at which part failed
-                assert r.json() == {"error": {
-                    "type": "unauthorized",
-                    "message": "missing or invalid API key (send Authorization: Bearer <key>)"}}
-            for key in ("k-one", "k-two"):
-                r = c.post("/generate", json=body, headers={"Authorization": f"Bearer {key}"})
-                assert r.status_code == 200
-            for open_path in ("/health", "/ready", "/metrics"):
-                assert c.get(open_path).status_code == 200
-    finally:
-        stop_server(srv)
+    with httpx.Client(base_url=keyed_server.url, timeout=30) as c:
+        answers = [
+            c.post("/generate", json=body),
+            c.post("/generate", json=body, headers={"Authorization": "Bearer wrong"}),
+            c.post("/generate", json=body, headers={"Authorization": "Basic k-one"}),
+            c.get("/models", headers={"Authorization": "Bearer k-on"}),
+            c.get("/models/tiny"),
+            c.get("/v1/models"),
+            c.post("/v1/completions", json={"prompt": "A"}),
+        ]
+        for r in answers:
+            assert r.status_code == 401
+            assert r.headers["www-authenticate"] == "Bearer"
+            # one message whatever was wrong: nothing hints at which part failed
+            assert r.json() == UNAUTHORIZED
+        for key in ("k-one", "k-two"):
+            r = c.post("/generate", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+        for open_path in ("/health", "/ready", "/metrics"):
+            assert c.get(open_path).status_code == 200
+
+
+def test_a_request_without_a_key_gets_401_before_its_body_is_read(keyed_server: Server) -> None:
+    """Issue 11, defect 8: without a key, malformed JSON got 422 and an oversized body 413,
+    so the service read and judged bodies for callers it should have turned away."""
+    oversized = b'{"seed_text": "' + b"a" * 70_000 + b'"}'
+
+    def chunked() -> Iterator[bytes]:
+        yield b'{"seed_text": "'
+        for _ in range(100):
+            yield b"a" * 1000
+
+    with httpx.Client(base_url=keyed_server.url, timeout=30) as c:
+        for path in ("/generate", "/v1/completions"):
+            for content in (b"{not json", oversized):
+                r = c.post(path, content=content, headers=JSON)
+                assert (r.status_code, r.json()) == (401, UNAUTHORIZED), (path, content[:20])
+        assert c.post("/generate", content=chunked(), headers=JSON).status_code == 401
+        # With a key the same bodies reach the checks after it.
+        key = {"Authorization": "Bearer k-one", **JSON}
+        assert c.post("/generate", content=b"{not json", headers=key).status_code == 422
+        assert c.post("/generate", content=oversized, headers=key).status_code == 413
+        # Exactly the routes that needed a key still do; the rest answer as without keys.
+        for method, path, status in [("GET", "/", 200), ("GET", "/static/playground.js", 200),
+                                     ("GET", "/docs", 200), ("GET", "/openapi.json", 200),
+                                     ("GET", "/nope", 404), ("GET", "/v1/nope", 404),
+                                     ("DELETE", "/generate", 405)]:
+            assert c.request(method, path).status_code == status, path
+    # A body announced but never sent: the 401 cannot have waited for it.
+    host, port = keyed_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 401 ")
 
 
 @pytest.mark.parametrize("name", ["../tiny", "/etc/passwd", "tiny/../tiny", "..", ".", "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,18 +26,22 @@ def test_service_starts_with_the_bundled_models(tmp_path: Path) -> None:
                                           "max_new_chars": 20, "temperature": 0})
             assert r.json()["seed_text"] == "the will"
             assert r.json()["lowercased"] is True
+            # Issue 11, defect 10: 'İ' lowercases to 'i' + U+0307; name what the caller sent.
+            r = c.post("/generate", json={"model": "nietzsche", "seed_text": "\u0130stanbul"})
+            assert r.status_code == 422
+            assert r.json()["error"]["message"] == (
+                "seed_text has characters not in the vocabulary of model 'nietzsche': "
+                "'\u0130'")
     finally:
         stop_server(srv)
     assert "shakespeare on CPUExecutionProvider" in srv.log()
 
 
-def start_expecting_failure(models: Path, default: str = "tiny") -> str:
+def start_expecting_failure(models: Path, default: str = "tiny", timeout: float = 60) -> str:
     env = {"CHARLSTM_MODELS_DIR": str(models), "CHARLSTM_DEFAULT_MODEL": default,
            "CHARLSTM_PORT": "0"}
-    import os
-
     res = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, **env})
+                         text=True, timeout=timeout, env={**os.environ, **env})
     assert res.returncode == 2, res.stdout + res.stderr
     return res.stderr
 
@@ -85,3 +90,52 @@ def test_missing_metadata_and_unknown_default_are_refused(broken_copy: Path) -> 
 def test_unknown_default_model_is_refused(tiny_models: Path) -> None:
     err = start_expecting_failure(tiny_models, default="nope")
     assert "default model 'nope'" in err
+
+
+# --- issue 11, defect 9: what the models folder may hold ----------------------------------------
+def test_a_model_folder_linking_outside_the_models_folder_is_refused(tiny_models: Path,
+                                                                     tmp_path: Path) -> None:
+    shutil.copytree(tiny_models / "tiny", tmp_path / "elsewhere")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny").symlink_to(tmp_path / "elsewhere")
+    err = start_expecting_failure(models)
+    assert f"{models / 'tiny'}: a link to {tmp_path / 'elsewhere'}, outside the models folder" \
+        in err
+
+
+@pytest.mark.parametrize("name", ["model.json", "model.onnx"])
+def test_a_file_linking_outside_the_models_folder_is_refused(broken_copy: Path, tmp_path: Path,
+                                                             name: str) -> None:
+    outside = tmp_path / f"outside-{name}"
+    path = broken_copy / "tiny" / name
+    shutil.move(path, outside)
+    path.symlink_to(outside)
+    err = start_expecting_failure(broken_copy)
+    assert f"{path}: a link to {outside}, outside the models folder" in err
+    assert "Traceback" not in err
+
+
+def test_links_within_the_models_folder_are_served(broken_copy: Path, tmp_path: Path) -> None:
+    blobs = broken_copy / ".blobs"  # hidden: not a model folder itself
+    blobs.mkdir()
+    shutil.move(broken_copy / "tiny" / "model.onnx", blobs / "tiny.onnx")
+    (broken_copy / "tiny" / "model.onnx").symlink_to(Path("..") / ".blobs" / "tiny.onnx")
+    (broken_copy / "latest").symlink_to("tiny", target_is_directory=True)
+    srv = start_server(broken_copy, tmp_path / "server.log", default="latest")
+    try:
+        with srv.client() as c:
+            assert {m["name"] for m in c.get("/models").json()["models"]} == {"tiny", "latest"}
+    finally:
+        stop_server(srv)
+
+
+@pytest.mark.parametrize("name", ["model.json", "model.onnx"])
+def test_a_fifo_in_place_of_a_model_file_is_refused_without_hanging(broken_copy: Path,
+                                                                    name: str) -> None:
+    """Opening a FIFO blocks until a writer comes: start-up used to hang with no message."""
+    path = broken_copy / "tiny" / name
+    path.unlink()
+    os.mkfifo(path)
+    err = start_expecting_failure(broken_copy, timeout=30)  # TimeoutExpired if it hangs
+    assert f"{path}: is a FIFO (named pipe), not a regular file" in err
