@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.api import ERROR_RESPONSES, Svc, until_disconnected
+from app.api import ERROR_RESPONSES, Svc, data_event, until_disconnected
 from app.auth import requires_key
 from app.engine import Request as EngineRequest
 from app.errors import InvalidRequestError, error_body
@@ -172,7 +172,7 @@ async def _stream(svc: ModelService, prep: Prepared, req: EngineRequest,
         }
         if usage is not None:
             payload["usage"] = usage
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+        return data_event(payload)
 
     offset = 0
     if body.echo and prep.seed_text:

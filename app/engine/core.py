@@ -418,6 +418,12 @@ class EngineCore:
                 self.batch.seqs[i].sampled = int(self.batch.counters[i])
                 end(self.batch.seqs[i])
             self._drop_rows(set(rows))
+        self.publish()
+
+    def publish(self) -> None:
+        """Queue depth and rows held, for the metrics (after anything that changes them)."""
+        if self.observer:
+            self.observer.on_queue(len(self.waiting), self.active)
 
     def abort_all(self, reason: str, error: str | None) -> None:
         """End everything at once (drain timeout, engine shutdown)."""
@@ -430,6 +436,7 @@ class EngineCore:
         self.waiting.clear()
         self.prefilling.clear()
         self.batch.filter(np.zeros(0, np.intp))
+        self.publish()
 
     # --- one iteration ----------------------------------------------------------------------
     def iterate(self) -> None:
@@ -449,8 +456,7 @@ class EngineCore:
             self._decode()
         else:
             self._last_decode_at = None  # idle gaps are not iteration time
-        if self.observer:
-            self.observer.on_queue(len(self.waiting), self.active)
+        self.publish()
 
     def _judge_refusals(self, now: float, all_: bool) -> None:
         """A refused request would have taken the row of the (ahead + 1)-th admission after
