@@ -197,19 +197,27 @@ def load_model(model_dir: Path, options: RuntimeOptions | None = None,
     return open_step_graph(model_dir, meta, graph_file, options)
 
 
+def check_graph_file(model_dir: Path, graph_file: str, field: str = "onnx.file") -> Path:
+    """The checks that need no onnxruntime session (the supervisor runs them before starting
+    anything): a plain name, a regular file inside the models folder."""
+    onnx_path = model_dir / graph_file
+    if Path(graph_file).name != graph_file:
+        raise ArtifactError(f"{model_dir / 'model.json'}: {field} must be a plain file name, "
+                            f"got {graph_file!r}")
+    check_artifact_file(onnx_path, model_dir.parent)
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path}: missing (named by {model_dir / 'model.json'})")
+    return onnx_path
+
+
 def open_step_graph(model_dir: Path, meta: ModelMetadata, graph_file: str,
                     options: RuntimeOptions | None = None) -> OnnxModel:
     """load_model for a graph file model.json does not list yet (a variant being checked)."""
     import onnxruntime as ort
 
     options = options or RuntimeOptions()
-    onnx_path = model_dir / graph_file
-    if Path(graph_file).name != graph_file:
-        raise ArtifactError(f"{model_dir / 'model.json'}: {graph_file!r} must be a plain file "
-                            "name")
-    check_artifact_file(onnx_path, model_dir.parent)
-    if not onnx_path.is_file():
-        raise ArtifactError(f"{onnx_path}: missing (named by {model_dir / 'model.json'})")
+    onnx_path = check_graph_file(model_dir, graph_file,
+                                 "onnx.file" if graph_file == meta.onnx.file else "a variant file")
     provider = choose_provider(options.device)
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads

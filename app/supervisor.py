@@ -35,6 +35,7 @@ from typing import Any
 
 from app.artifact import ArtifactError, read_metadata
 from app.engine.remote import engine_address
+from app.runtime import check_graph_file
 from app.settings import Settings
 
 log = logging.getLogger("app.supervisor")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
         folders = discover(settings.models_dir)
         for folder in folders:
-            read_metadata(folder)
+            check_graph_file(folder, read_metadata(folder).onnx.file)
         if settings.default_model not in {f.name for f in folders}:
             raise ArtifactError(
                 f"default model {settings.default_model!r} is not in {settings.models_dir} "

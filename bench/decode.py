@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,7 +329,8 @@ def serve(cfg: Config, workdir: Path) -> Iterator[Server]:
     models_dir = workdir / "models"
     models_dir.mkdir()
     name = cfg.model.resolve().name
-    (models_dir / name).symlink_to(cfg.model.resolve(), target_is_directory=True)
+    # A copy: the service refuses model folders that link outside its models folder.
+    shutil.copytree(cfg.model.resolve(), models_dir / name)
     port = free_port()
     env = {
         **os.environ, "PYTHONUNBUFFERED": "1", "CHARLSTM_MODELS_DIR": str(models_dir),

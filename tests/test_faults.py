@@ -90,7 +90,7 @@ def inprocess(tiny_models: Path) -> Iterator[tuple[str, object]]:
 def test_injected_onnxruntime_error_sends_error_event_and_engine_keeps_serving(
         inprocess: tuple[str, object]) -> None:
     url, app = inprocess
-    model = app.state.service.models["tiny"].model  # type: ignore[attr-defined]
+    model = app.state.service.models["tiny"].engine.model  # type: ignore[attr-defined]
     calls = {"n": 0}
     real_step = model.step
 

@@ -31,7 +31,7 @@ class EngineKilled(BaseException):
 def test_a_killed_engine_turns_ready_off_and_requests_get_503_not_a_hang(
         inprocess: tuple[str, Any]) -> None:  # noqa: F811
     url, app = inprocess
-    model = app.state.service.models["tiny"].model
+    model = app.state.service.models["tiny"].engine.model
     events: list[str] = []
     started = threading.Event()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -19,6 +20,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from app.artifact import ArtifactError
 from app.engine.core import EngineCore, GenerationParams, Sequence
 from app.engine.messages import (
     Abort,
@@ -238,8 +240,13 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     signal.signal(signal.SIGTERM, stop)
     # Ctrl-C reaches the whole process group: the supervisor decides when engines stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    model = load_model(model_dir, RuntimeOptions(device=settings.device,
-                                                 intra_op_threads=settings.intra_op_threads))
+    try:
+        model = load_model(model_dir, RuntimeOptions(
+            device=settings.device, intra_op_threads=settings.intra_op_threads))
+    except ArtifactError as exc:
+        # The supervisor sees the exit code and stops start-up; this line is the reason.
+        print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     observer = Metrics().observer(model.name)
     core = EngineCore(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
                       prefill_chunk_chars=settings.prefill_chunk_chars,
