@@ -168,6 +168,8 @@ class ModelInfo(BaseModel):
     vocab_size: int
     lowercase: bool
     provider: str
+    graph: str = Field("model.onnx", description="graph file served: model.onnx, or a variant "
+                       "such as model.int8.onnx (CHARLSTM_VARIANT)")
     validation_loss_nats: float | None
     validation_bits_per_char: float | None
     corpus: str

@@ -30,7 +30,7 @@ from app.errors import (
     UnavailableError,
 )
 from app.metrics import Metrics, ModelObserver
-from app.runtime import RuntimeOptions, load_model
+from app.runtime import RuntimeOptions, load_model, serving_variant
 from app.schemas import (
     NATIVE_NAMES,
     Alternative,
@@ -79,6 +79,8 @@ class EngineHandle(Protocol):
     def chars_per_s(self) -> float: ...
     @property
     def provider(self) -> str: ...
+    @property
+    def graph(self) -> str: ...
     def start(self) -> None: ...
     async def submit(self, params: GenerationParams) -> Request: ...
     async def drain(self, grace_s: float) -> bool: ...
@@ -141,7 +143,8 @@ class ModelService:
                 observer = self.metrics.observer(spec.name)
             else:
                 model = load_model(folder, RuntimeOptions(device=s.device,
-                                                          intra_op_threads=s.intra_op_threads))
+                                                          intra_op_threads=s.intra_op_threads),
+                                   serving_variant(read_metadata(folder), s.device, s.variant))
                 spec = ModelSpec(model.name, folder, model.meta, model.vocab)
                 observer = self.metrics.observer(spec.name)
                 engine = Engine(model, max_batch=s.max_batch, max_queue=s.max_queue,
@@ -215,6 +218,7 @@ class ModelService:
             units=meta.architecture.units, embedding_dim=meta.architecture.embedding_dim,
             parameters=meta.architecture.parameters, vocab_size=len(m.vocab),
             lowercase=meta.lowercase, provider=served.engine.provider,
+            graph=served.engine.graph,
             validation_loss_nats=val.loss_nats if val else None,
             validation_bits_per_char=val.bits_per_char if val else None,
             corpus=meta.corpus.name,

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime provider: CUDA when available (auto), or forced")
+    variant: Literal["auto", "fp32", "int8"] = Field(
+        "auto", description="graph to serve: auto = the model's int8 variant on the CPU when "
+        "model.json lists one (checked against its loss bound when made), model.onnx otherwise")
     intra_op_threads: int = Field(
         1, ge=0, description="onnxruntime threads per call; 1 is fastest for small batches on "
         "a 2-core CPU, 0 lets onnxruntime use every core")

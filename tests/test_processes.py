@@ -19,6 +19,8 @@ import psutil
 import pytest
 from httpx_sse import connect_sse
 
+from app.artifact import ArtifactError, read_metadata
+from app.runtime import serving_variant
 from tests.conftest import ROOT, Server, free_port, start_server, stop_server
 from tests.test_api import metric
 
@@ -33,7 +35,7 @@ def two_workers(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def engine_pid(srv: Server, model: str = "tiny") -> int:
-    pids = re.findall(rf"engine for {model} ready on \S+ \(pid (\d+)\)", srv.log())
+    pids = re.findall(rf"engine for {model} ready on \S+ \(pid (\d+)", srv.log())
     return int(pids[-1])
 
 
@@ -195,3 +197,28 @@ def test_uvicorn_app_main_app_serves_everything_in_one_process(tiny_models: Path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_cpu_serves_the_int8_variant_where_model_json_lists_one(tmp_path: Path) -> None:
+    meta = read_metadata(ROOT / "models" / "shakespeare")
+    assert serving_variant(meta, "cpu", "auto") == "int8"
+    assert serving_variant(meta, "cpu", "fp32") is None
+    srv = start_server(ROOT / "models", tmp_path / "server.log", default="shakespeare")
+    try:
+        with srv.client() as c:
+            info = c.get("/models/shakespeare").json()
+            reply = c.post("/generate", json={"seed_text": "ROMEO:", "max_new_chars": 50})
+    finally:
+        stop_server(srv)
+    assert info["graph"] == "model.int8.onnx"
+    assert reply.json()["usage"]["generated_chars"] == 50
+    int8 = next(v for v in meta.variants if v.name == "int8")
+    assert int8.validation is not None
+    assert int8.validation.loss_nats <= int8.validation.reference_loss_nats + 0.01
+
+
+def test_a_model_without_variants_serves_model_onnx(tiny_models: Path) -> None:
+    meta = read_metadata(tiny_models / "tiny")
+    assert serving_variant(meta, "cpu", "auto") is None
+    with pytest.raises(ArtifactError, match="lists no int8 variant"):
+        serving_variant(meta, "cpu", "int8")

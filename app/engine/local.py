@@ -110,6 +110,10 @@ class Engine:
     def provider(self) -> str:
         return str(getattr(self.model, "provider", "CPUExecutionProvider"))
 
+    @property
+    def graph(self) -> str:
+        return str(getattr(self.model, "graph_file", "model.onnx"))
+
     def refresh_metrics(self) -> None:
         """Gauges that change between engine events (the process engine publishes its own)."""
         observer = self.core.observer

@@ -77,6 +77,7 @@ class Status(msgspec.Struct, tag="status", array_like=True):
 
     pid: int
     provider: str
+    graph: str  # the graph file served: model.onnx or a variant's
     waiting: int
     active: int
     predicted_wait_s: float

@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from app.artifact import ArtifactError
+from app.artifact import ArtifactError, read_metadata
 from app.engine.core import EngineCore, GenerationParams, Sequence
 from app.engine.messages import (
     Abort,
@@ -36,7 +36,7 @@ from app.engine.messages import (
     to_engine,
 )
 from app.metrics import Metrics
-from app.runtime import RuntimeOptions, load_model
+from app.runtime import RuntimeOptions, load_model, serving_variant
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,12 @@ class EngineLoop:
     FLUSH_S_PER_STREAM = 250e-6
     MAX_FLUSH_INTERVAL_S = 0.02
 
-    def __init__(self, core: EngineCore, sock: zmq.Socket[bytes], provider: str) -> None:
+    def __init__(self, core: EngineCore, sock: zmq.Socket[bytes], provider: str,
+                 graph: str) -> None:
         self.core = core
         self.sock = sock
         self.provider = provider
+        self.graph = graph
         self.seqs: dict[tuple[bytes, int], _Remote] = {}
         self.clients: dict[bytes, float] = {}  # identity -> last heard from
         self.news: dict[bytes, dict[int, _Remote]] = {}
@@ -208,7 +210,7 @@ class EngineLoop:
         wait = core.predict_wait() if core.has_work else 0.0
         if core.observer is not None:
             core.observer.on_estimate(wait, core.chars_per_s)
-        status = encoder.encode(Status(os.getpid(), self.provider, len(core.waiting),
+        status = encoder.encode(Status(os.getpid(), self.provider, self.graph, len(core.waiting),
                                        core.active, wait, core.chars_per_s))
         for ident, seen in list(self.clients.items()):
             if now - seen > CLIENT_TTL_S:
@@ -242,7 +244,8 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model = load_model(model_dir, RuntimeOptions(
-            device=settings.device, intra_op_threads=settings.intra_op_threads))
+            device=settings.device, intra_op_threads=settings.intra_op_threads),
+            serving_variant(read_metadata(model_dir), settings.device, settings.variant))
     except ArtifactError as exc:
         # The supervisor sees the exit code and stops start-up; this line is the reason.
         print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
@@ -260,9 +263,10 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
-    loop = EngineLoop(core, sock, model.provider)
+    loop = EngineLoop(core, sock, model.provider, model.graph_file)
     loop_ref.append(loop)
-    log.info("engine for %s ready on %s (pid %d)", model.name, address, os.getpid())
+    log.info("engine for %s ready on %s (pid %d, %s)", model.name, address, os.getpid(),
+             model.graph_file)
     try:
         loop.run()
     finally:

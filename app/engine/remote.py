@@ -91,6 +91,10 @@ class RemoteEngine:
         return self._status.provider if self._status else "unknown"
 
     @property
+    def graph(self) -> str:
+        return self._status.graph if self._status else "unknown"
+
+    @property
     def pid(self) -> int | None:
         return self._status.pid if self._status else None
 
