@@ -48,6 +48,14 @@ class Metrics:
         self.refusals = Counter("charlstm_refusals", "requests refused for their predicted "
                                 "wait, judged afterwards: false = a row came within the bound",
                                 ["model", "verdict"], registry=r)
+        self.cache_lookups = Counter("charlstm_state_cache_lookups", "seeds looked up in the "
+                                     "state cache, by result", ["model", "result"], registry=r)
+        self.cache_chars = Counter("charlstm_state_cache_saved_chars", "seed characters whose "
+                                   "prefill a cached state saved", ["model"], registry=r)
+        self.cache_bytes = Gauge("charlstm_state_cache_bytes", "bytes held by the state cache",
+                                 ["model"], registry=r, multiprocess_mode="livesum")
+        self.cache_entries = Gauge("charlstm_state_cache_entries", "states held by the cache",
+                                   ["model"], registry=r, multiprocess_mode="livesum")
         self.batch = Histogram("charlstm_batch_size", "rows per decode step", ["model"],
                                buckets=_BATCH_BUCKETS, registry=r)
         self.step = Histogram("charlstm_step_seconds", "onnxruntime time per decode step",
@@ -98,6 +106,13 @@ class ModelObserver:
 
     def on_refusal_verdict(self, false: bool) -> None:
         self.m.refusals.labels(self.model, "false" if false else "justified").inc()
+
+    def on_cache(self, hit: bool, chars_saved: int, size_bytes: int, entries: int) -> None:
+        self.m.cache_lookups.labels(self.model, "hit" if hit else "miss").inc()
+        if chars_saved:
+            self.m.cache_chars.labels(self.model).inc(chars_saved)
+        self.m.cache_bytes.labels(self.model).set(size_bytes)
+        self.m.cache_entries.labels(self.model).set(entries)
 
     def on_estimate(self, wait_s: float, chars_per_s: float) -> None:
         self.m.wait.labels(self.model).set(wait_s)

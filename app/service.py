@@ -149,7 +149,8 @@ class ModelService:
                 observer = self.metrics.observer(spec.name)
                 engine = Engine(model, max_batch=s.max_batch, max_queue=s.max_queue,
                                 max_wait_s=s.max_wait_s, observer=observer,
-                                prefill_chunk_chars=s.prefill_chunk_chars)
+                                prefill_chunk_chars=s.prefill_chunk_chars,
+                                state_cache_bytes=int(s.state_cache_mb * 2**20))
             self.models[spec.name] = Served(spec, engine, observer)
         if self.settings.default_model not in self.models:
             raise ArtifactError(

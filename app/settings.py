@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(
         10.0, gt=0, description="refuse (429) a request predicted to wait longer than this for "
         "a batch row; Retry-After says when the wait will be under it")
+    state_cache_mb: float = Field(
+        64.0, ge=0, le=1_000_000, description="per model: the exact state cache's budget in MiB "
+        "(states after seed prefixes, 4 KB each for models/shakespeare); 0 switches it off")
     prefill_chunk_chars: int = Field(
         256, ge=1, le=100_000, description="seed characters prefilled per decode step, shared "
         "by all seeds in prefill: a running stream waits at most one such slice between "

@@ -209,6 +209,9 @@ class StepClock:
     def on_estimate(self, wait_s: float, chars_per_s: float) -> None:
         pass
 
+    def on_cache(self, hit: bool, chars_saved: int, size_bytes: int, entries: int) -> None:
+        pass
+
     def on_finish(self, request: Sequence) -> None:
         pass
 

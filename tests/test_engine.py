@@ -249,9 +249,15 @@ class EngineKilled(BaseException):
 
 
 class DyingModel(FakeModel):
+    """Dies at its third step of a request (calibration at start-up feeds only zeros)."""
+
+    request_calls = 0
+
     def step(self, ids: Any, states: object) -> Any:
-        if self.calls >= 3:
-            raise EngineKilled
+        if np.any(ids != 0):
+            self.request_calls += 1
+            if self.request_calls >= 3:
+                raise EngineKilled
         return super().step(ids, states)
 
 
@@ -261,7 +267,7 @@ def test_a_dead_engine_fails_its_requests_and_refuses_new_ones() -> None:
         engine = Engine(DyingModel())
         engine.start()
         try:
-            req = await finish(await engine.submit(params([0], max_new=100)))
+            req = await finish(await engine.submit(params([1], max_new=100)))
             for _ in range(100):
                 if not engine.alive:
                     break

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app import rng as rng_mod
+from app.engine.cache import StateCache, prefix_digests
 from app.sampling import sample_next, softmax
 from app.stops import StopMatcher
 
@@ -65,6 +66,7 @@ class EngineObserver(Protocol):
     def on_finish(self, seq: Sequence) -> None: ...
     def on_refusal_verdict(self, false: bool) -> None: ...
     def on_estimate(self, wait_s: float, chars_per_s: float) -> None: ...
+    def on_cache(self, hit: bool, chars_saved: int, size_bytes: int, entries: int) -> None: ...
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Sequence:
         # Prefill progress: seed ids consumed so far and the state after them.
         self.prefilled = 0
         self.states: Any = None
+        self.digests: dict[int, bytes] = {}  # state-cache keys of the seed's prefixes
 
     @property
     def done(self) -> bool:
@@ -249,8 +252,9 @@ class EngineCore:
 
     def __init__(self, model: StepModel, max_batch: int = 256, max_queue: int = 256,
                  prefill_chunk_chars: int = 256, max_wait_s: float = 10.0,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, state_cache_bytes: int = 0) -> None:
         self.model = model
+        self.cache = StateCache(state_cache_bytes) if state_cache_bytes > 0 else None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk_chars = prefill_chunk_chars
@@ -458,6 +462,26 @@ class EngineCore:
             self._last_decode_at = None  # idle gaps are not iteration time
         self.publish()
 
+    _hit_logits: npt.NDArray[np.float32]
+
+    def _from_cache(self, s: Sequence) -> bool:
+        """Start `s` from its longest cached prefix; True when that is the whole seed (its
+        state and next-id logits are then in s.states and self._hit_logits)."""
+        assert self.cache is not None
+        seed = s.params.seed_ids
+        s.digests = prefix_digests(seed, self.prefill_chunk_chars)
+        length, entry = self.cache.lookup(s.digests)
+        if self.observer:
+            self.observer.on_cache(entry is not None, length, self.cache.bytes,
+                                   len(self.cache.entries))
+        if entry is None:
+            return False
+        s.states, s.prefilled = entry.states, length
+        if length == len(seed):
+            self._hit_logits = entry.logits
+            return True
+        return False
+
     def _judge_refusals(self, now: float, all_: bool) -> None:
         """A refused request would have taken the row of the (ahead + 1)-th admission after
         it (FIFO), or the first free row once the queue emptied: a false refusal if that came
@@ -479,7 +503,8 @@ class EngineCore:
 
     def _admit(self) -> None:
         now = time.perf_counter()
-        while self.waiting and self.active < self.max_batch:
+        whole_hits: list[tuple[Sequence, Any, npt.NDArray[np.float32]]] = []
+        while self.waiting and self.active + len(whole_hits) < self.max_batch:
             s = self.waiting.popleft()
             if self._refusals:
                 self._judge_refusals(now, all_=False)
@@ -491,7 +516,21 @@ class EngineCore:
             else:
                 s.states = None
                 s.prefilled = 0
-                self.prefilling.append(s)
+                if self.cache is not None and self._from_cache(s):
+                    whole_hits.append((s, s.states, self._hit_logits))
+                    s.states = None
+                else:
+                    self.prefilling.append(s)
+        if whole_hits:
+            # Seeds cached whole join the batch at once: no graph call at all.
+            seqs = [h[0] for h in whole_hits]
+            try:
+                self.batch.append(seqs, np.stack([h[2] for h in whole_hits]),
+                                  self.model.concat([h[1] for h in whole_hits]))
+            except Exception as exc:
+                log.exception("could not add cached rows to the batch on %s", self.model.name)
+                for s in seqs:
+                    self._finish(s, "error", f"could not start decoding ({type(exc).__name__})")
         if self._refusals and not self.waiting and self.active < self.max_batch:
             self._judge_refusals(now, all_=True)
 
@@ -504,6 +543,14 @@ class EngineCore:
             if budget <= 0:
                 break
             n = min(len(s.params.seed_ids) - s.prefilled, budget)
+            end = s.prefilled + n
+            every = self.prefill_chunk_chars
+            if self.cache is not None and end < len(s.params.seed_ids) and end % every:
+                # End a slice shortened by the shared budget on a cache boundary, when it
+                # reaches one, so the state there can be kept.
+                aligned = end - end % every
+                if aligned > s.prefilled:
+                    n = aligned - s.prefilled
             by_len.setdefault(n, []).append(s)
             budget -= n
         for n, group in by_len.items():
@@ -533,10 +580,15 @@ class EngineCore:
         for j, s in enumerate(group):
             s.prefilled += n
             s.prefill_s += seconds
+            row = None
             if s.prefilled >= len(s.params.seed_ids):
                 done.append(j)
             else:
-                s.states = self.model.select(out, np.array([j], np.intp))
+                row = s.states = self.model.select(out, np.array([j], np.intp))
+            if self.cache is not None and s.prefilled in s.digests:
+                if row is None:
+                    row = self.model.select(out, np.array([j], np.intp))
+                self.cache.store(s.digests[s.prefilled], row, logits[j, -1].copy())
         if not done:
             return
         rows = np.array(done, np.intp)

@@ -66,11 +66,11 @@ class Engine:
 
     def __init__(self, model: StepModel, max_batch: int = 256, max_queue: int = 256,
                  max_wait_s: float = 10.0, observer: EngineObserver | None = None,
-                 prefill_chunk_chars: int = 256) -> None:
+                 prefill_chunk_chars: int = 256, state_cache_bytes: int = 0) -> None:
         self.model = model
         self.core = EngineCore(model, max_batch=max_batch, max_queue=max_queue,
                                prefill_chunk_chars=prefill_chunk_chars, max_wait_s=max_wait_s,
-                               observer=observer)
+                               observer=observer, state_cache_bytes=state_cache_bytes)
         self._inbox: deque[Request] = deque()  # deque append/popleft are thread-safe
         self._cv = threading.Condition()
         self._accepting = True

@@ -253,7 +253,8 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     observer = Metrics().observer(model.name)
     core = EngineCore(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
                       prefill_chunk_chars=settings.prefill_chunk_chars,
-                      max_wait_s=settings.max_wait_s, observer=observer)
+                      max_wait_s=settings.max_wait_s, observer=observer,
+                      state_cache_bytes=int(settings.state_cache_mb * 2**20))
     core.calibrate()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
