@@ -80,6 +80,9 @@ class OnnxModel:
                 for a in arrays]
         return StateBatch(vals, rows, on_device=True)
 
+    def states_to_host(self, states: StateBatch) -> list[FloatArray]:
+        return states.host()
+
     def select(self, states: StateBatch, rows: npt.NDArray[np.intp]) -> StateBatch:
         """Keep only `rows` (in that order); the batch shrinks when requests leave."""
         host = [a[rows] for a in states.host()]

@@ -113,6 +113,12 @@ class GenerateRequest(BaseModel):
     details: bool = Field(False, description="add each character's probability and the top "
                                              "alternatives")
     time_limit_s: TimeLimit = Field(None, description="wall-time limit, at most the server's")
+    resumable: bool = Field(False, description="add a `continuation` handle to the reply when "
+                            "the text ends by length or time limit")
+    continuation: str | None = Field(
+        None, max_length=200_000, description="continue a generation from its handle: the "
+        "text goes on exactly as one longer request would have; send no seed_text or "
+        "sampling parameters (the handle carries them)")
 
 
 class Usage(BaseModel):
@@ -150,6 +156,8 @@ class GenerateResponse(BaseModel):
     timings: Timings
     error: str | None = None
     details: list[CharDetail] | None = None
+    continuation: str | None = Field(None, description="with resumable: pass it back as "
+                                     "`continuation` to go on from here")
 
 
 class StateInfo(BaseModel):

@@ -9,12 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from app.artifact import ArtifactError, ModelMetadata, check_inside, read_metadata
+from app.continuation import (
+    Handle,
+    model_id,
+    sign,
+    states_from_bytes,
+    states_to_bytes,
+    verify,
+)
 from app.engine import (
     Engine,
     EngineClosedError,
@@ -121,6 +132,7 @@ class ModelService:
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, Served] = {}
+        self.continuation_key = (settings.continuation_key or secrets.token_hex(32)).encode()
         self.started = False
         self.draining = False
         self.open_streams = 0  # SSE replies still being written (a drain waits for them)
@@ -243,6 +255,8 @@ class ModelService:
         """Check the request against this server's limits and the model's vocabulary; messages
         name the fields as the caller does (`names`)."""
         served = self.get(body.model)
+        if body.continuation is not None:
+            return self._prepare_continuation(body, served, stream, names)
         s = self.settings
         vocab = served.model.vocab
         lower = served.model.meta.lowercase
@@ -274,8 +288,41 @@ class ModelService:
             top_k=body.top_k, top_p=body.top_p,
             seed=body.seed if body.seed is not None else secrets.randbits(63),
             stop=stops, time_limit_s=time_limit, details=body.details, stream=stream,
+            resumable=body.resumable,
         )
         return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
+
+    # Fields a continuation takes from its handle; sending them too would make the text
+    # differ from the one longer request it stands for.
+    CARRIED = ("seed_text", "temperature", "top_k", "top_p", "seed")
+
+    def _prepare_continuation(self, body: GenerateRequest, served: Served, stream: bool,
+                              names: FieldNames) -> Prepared:
+        s = self.settings
+        clash = [f for f in self.CARRIED if f in body.model_fields_set]
+        if clash:
+            raise InvalidRequestError(
+                f"a continuation carries its own seed and sampling parameters; do not send "
+                f"{', '.join(clash)} with it")
+        meta = served.model.meta
+        handle = verify(body.continuation or "", self.continuation_key, meta,
+                        [st.size for st in meta.onnx.states], s.continuation_ttl_s)
+        max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
+        if not 1 <= max_new <= s.max_new_chars:
+            raise InvalidRequestError(
+                f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
+        vocab = served.model.vocab
+        stops = [tuple(int(i) for i in vocab.encode(t.lower() if meta.lowercase else t))
+                 for t in body.stop or [] if not vocab.unknown(t.lower() if meta.lowercase
+                                                                 else t)]
+        params = GenerationParams(
+            seed_ids=np.array([handle.last_id], np.int32), max_new=max_new,
+            temperature=handle.temperature, top_k=handle.top_k, top_p=handle.top_p,
+            seed=handle.seed, stop=stops,
+            time_limit_s=min(body.time_limit_s or s.time_limit_s, s.time_limit_s),
+            details=body.details, stream=stream, resumable=body.resumable,
+            initial_states=states_from_bytes(handle.states), counter_start=handle.counter)
+        return Prepared(served, params, "", False)
 
     async def submit(self, prep: Prepared) -> Request:
         if not self.ready:
@@ -302,7 +349,17 @@ class ModelService:
                            top=[Alternative(char=vocab.chars[t], prob=p) for t, p in d.top])
                 for i, d in zip(req.ids, req.details, strict=False)
             ]
+        continuation = None
+        if req.final is not None:
+            states, last_id, counter = req.final
+            p = prep.params
+            continuation = sign(Handle(
+                model=prep.served.model.name, model_id=model_id(prep.served.model.meta),
+                issued_at=time.time(), states=states_to_bytes(states), last_id=last_id,
+                counter=counter, seed=p.seed, temperature=p.temperature, top_k=p.top_k,
+                top_p=p.top_p), self.continuation_key)
         return GenerateResponse(
+            continuation=continuation,
             model=prep.served.model.name, text=text,
             finish_reason=req.finish_reason or "cancelled",
             seed=prep.params.seed, seed_text=prep.seed_text, lowercased=prep.lowercased,

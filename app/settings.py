@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     drain_s: float = Field(20.0, ge=0, description="SIGTERM grace period for running requests")
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     log_level: str = Field("info", description="Python logging level")
+    continuation_key: str = Field(
+        "", description="secret that signs continuation handles; set the same one on every "
+        "replica for handles that work anywhere and survive restarts. Empty: a random key per "
+        "start (handles then last until the service restarts)")
+    continuation_ttl_s: float = Field(86400.0, gt=0, description="how long a continuation "
+                                      "handle stays valid")
     http_workers: int = Field(
         0, ge=0, le=64, description="HTTP worker processes for `python -m app`; 0 picks one "
         "per two cores (at least one), leaving the rest to the engine processes")

@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return 2
+    if not settings.continuation_key:
+        # One random key for every worker of this run, so any of them verifies a handle
+        # another issued.
+        settings = settings.model_copy(update={"continuation_key": secrets.token_hex(32)})
     sup = Supervisor(settings, folders)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)

@@ -59,7 +59,8 @@ def retry_delay(attempt: int, retry_after: float | None, jitter: float) -> float
 def generation_body(seed_text: str, *, model: str | None, temperature: float | None,
                     max_new_chars: int | None, top_k: int | None, top_p: float | None,
                     seed: int | None, stop: str | Sequence[str] | None, details: bool,
-                    time_limit_s: float | None, stream: bool) -> dict[str, Any]:
+                    time_limit_s: float | None, stream: bool,
+                    resumable: bool = False) -> dict[str, Any]:
     """The JSON body of POST /generate. Parameters left as None are omitted, so the server's
     defaults apply (temperature 1, top_k and top_p off, max_new_chars from its settings)."""
     body: dict[str, Any] = {"seed_text": seed_text, "stream": stream}
@@ -71,6 +72,21 @@ def generation_body(seed_text: str, *, model: str | None, temperature: float | N
     body.update({k: v for k, v in optional.items() if v is not None})
     if details:
         body["details"] = True
+    if resumable:
+        body["resumable"] = True
+    return body
+
+
+def continuation_body(continuation: str, *, max_new_chars: int | None,
+                      stop: str | Sequence[str] | None, details: bool,
+                      time_limit_s: float | None, stream: bool, resumable: bool
+                      ) -> dict[str, Any]:
+    """POST /generate going on from a handle: the handle carries the seed and sampling."""
+    body = generation_body("", model=None, temperature=None, max_new_chars=max_new_chars,
+                           top_k=None, top_p=None, seed=None, stop=stop, details=details,
+                           time_limit_s=time_limit_s, stream=stream, resumable=resumable)
+    del body["seed_text"]
+    body["continuation"] = continuation
     return body
 
 
@@ -240,15 +256,28 @@ class Client:
                  temperature: float | None = None, max_new_chars: int | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, details: bool = False,
-                 time_limit_s: float | None = None) -> GenerationResult:
-        """Continue `seed_text` and return the whole reply.
+                 time_limit_s: float | None = None, resumable: bool = False
+                 ) -> GenerationResult:
+        """Continue `seed_text` and return the whole reply (with resumable=True, a
+        `continuation` handle for `resume`).
 
         Raises GenerationError (with `.result`, the text so far) if generation failed part-way.
         """
         body = generation_body(
             seed_text, model=model, temperature=temperature, max_new_chars=max_new_chars,
             top_k=top_k, top_p=top_p, seed=seed, stop=stop, details=details,
-            time_limit_s=time_limit_s, stream=False)
+            time_limit_s=time_limit_s, stream=False, resumable=resumable)
+        result = GenerationResult.from_json(json_object(self._request("POST", "/generate", body)))
+        return raise_for_generation_error(result)
+
+    def resume(self, continuation: str, *, max_new_chars: int | None = None,
+               stop: str | Sequence[str] | None = None, details: bool = False,
+               time_limit_s: float | None = None, resumable: bool = False
+               ) -> GenerationResult:
+        """Go on from a `continuation` handle: the text one longer request would have given."""
+        body = continuation_body(continuation, max_new_chars=max_new_chars, stop=stop,
+                                 details=details, time_limit_s=time_limit_s, stream=False,
+                                 resumable=resumable)
         result = GenerationResult.from_json(json_object(self._request("POST", "/generate", body)))
         return raise_for_generation_error(result)
 
@@ -317,13 +346,24 @@ class AsyncClient:
                        temperature: float | None = None, max_new_chars: int | None = None,
                        top_k: int | None = None, top_p: float | None = None,
                        seed: int | None = None, stop: str | Sequence[str] | None = None,
-                       details: bool = False,
-                       time_limit_s: float | None = None) -> GenerationResult:
+                       details: bool = False, time_limit_s: float | None = None,
+                       resumable: bool = False) -> GenerationResult:
         """Continue `seed_text` and return the whole reply; see `Client.generate`."""
         body = generation_body(
             seed_text, model=model, temperature=temperature, max_new_chars=max_new_chars,
             top_k=top_k, top_p=top_p, seed=seed, stop=stop, details=details,
-            time_limit_s=time_limit_s, stream=False)
+            time_limit_s=time_limit_s, stream=False, resumable=resumable)
+        response = await self._request("POST", "/generate", body)
+        return raise_for_generation_error(GenerationResult.from_json(json_object(response)))
+
+    async def resume(self, continuation: str, *, max_new_chars: int | None = None,
+                     stop: str | Sequence[str] | None = None, details: bool = False,
+                     time_limit_s: float | None = None, resumable: bool = False
+                     ) -> GenerationResult:
+        """Go on from a `continuation` handle; see `Client.resume`."""
+        body = continuation_body(continuation, max_new_chars=max_new_chars, stop=stop,
+                                 details=details, time_limit_s=time_limit_s, stream=False,
+                                 resumable=resumable)
         response = await self._request("POST", "/generate", body)
         return raise_for_generation_error(GenerationResult.from_json(json_object(response)))
 

@@ -72,6 +72,9 @@ class GenerationResult:
     timings: Timings
     error: str | None = None
     details: tuple[CharDetail, ...] | None = None
+    # With resumable=True: a handle for Client.resume, which goes on exactly as one longer
+    # request would have.
+    continuation: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GenerationResult:
@@ -83,6 +86,7 @@ class GenerationResult:
             usage=Usage.from_json(data["usage"]), timings=Timings.from_json(data["timings"]),
             error=data.get("error"),
             details=None if details is None else tuple(CharDetail.from_json(d) for d in details),
+            continuation=data.get("continuation"),
         )
 
 

@@ -21,6 +21,12 @@ class FakeModel:
     def zero_states(self, rows: int) -> npt.NDArray[np.float32]:
         return np.zeros((rows, 1), np.float32)
 
+    def states_from_host(self, arrays: list[npt.NDArray[np.float32]]) -> object:
+        return np.asarray(arrays[0], np.float32)
+
+    def states_to_host(self, states: object) -> list[npt.NDArray[np.float32]]:
+        return [np.asarray(states, np.float32)]
+
     def select(self, states: object, rows: npt.NDArray[np.intp]) -> object:
         return np.asarray(states)[rows]
 

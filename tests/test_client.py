@@ -325,3 +325,13 @@ def test_sse_decoder_joins_data_lines_and_skips_comments() -> None:
     lines = [": ping", "", "event: done", "data: {\"a\":", "data: 1}", "", "data:x", "", "", "x"]
     events = [e for line in lines if (e := decoder.feed(line)) is not None]
     assert events == [ServerSentEvent("done", '{"a":\n1}'), ServerSentEvent("message", "x")]
+
+
+def test_resume_goes_on_as_one_longer_request(server: Server) -> None:
+    with Client(server.url) as c:
+        whole = c.generate("KING:", temperature=0.8, max_new_chars=150, seed=5)
+        first = c.generate("KING:", temperature=0.8, max_new_chars=60, seed=5, resumable=True)
+        assert first.continuation is not None
+        rest = c.resume(first.continuation, max_new_chars=90)
+    assert first.text + rest.text == whole.text
+    assert rest.continuation is None

@@ -53,6 +53,8 @@ class StepModel(Protocol):
     def zero_states(self, rows: int) -> Any: ...
     def select(self, states: Any, rows: npt.NDArray[np.intp]) -> Any: ...
     def concat(self, parts: list[Any]) -> Any: ...
+    def states_from_host(self, arrays: list[npt.NDArray[np.float32]]) -> Any: ...
+    def states_to_host(self, states: Any) -> list[npt.NDArray[np.float32]]: ...
     def step(self, ids: npt.NDArray[np.int32],
              states: Any) -> tuple[npt.NDArray[np.float32], Any]: ...
 
@@ -83,6 +85,11 @@ class GenerationParams:
     # True: the reader wants characters as they arrive (streams). False: only the finish,
     # so a caller waiting for the whole text costs its event loop nothing per step.
     stream: bool = False
+    # Continuations: start from these states (one (1, size) array per state tensor) instead
+    # of zeros, with the random stream at `counter_start`; `resumable` keeps the final state.
+    initial_states: list[npt.NDArray[np.float32]] | None = None
+    counter_start: int = 0
+    resumable: bool = False
 
     def check(self) -> None:
         """Raise ValueError unless every field fits the engine's arrays."""
@@ -100,6 +107,8 @@ class GenerationParams:
             raise ValueError(f"seed out of range: {self.seed}")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s out of range: {self.time_limit_s}")
+        if not 0 <= self.counter_start < 2**62:
+            raise ValueError(f"counter_start out of range: {self.counter_start}")
 
 
 @dataclass
@@ -138,6 +147,9 @@ class Sequence:
         self.prefilled = 0
         self.states: Any = None
         self.digests: dict[int, bytes] = {}  # state-cache keys of the seed's prefixes
+        # For a resumable request that ended by length or time: (the state before its last
+        # character, that character, characters sampled), so it can be continued exactly.
+        self.final: tuple[list[npt.NDArray[np.float32]], int, int] | None = None
 
     @property
     def done(self) -> bool:
@@ -197,7 +209,8 @@ class Batch:
             # float64: a top_p of 1e-50 must stay above 0 (it keeps only the likeliest id).
             "top_p": np.concatenate([self.top_p, np.array([x.top_p for x in p], np.float64)]),
             "keys": np.concatenate([self.keys, rng_mod.row_keys([x.seed for x in p])]),
-            "counters": np.concatenate([self.counters, np.zeros(len(p), np.uint64)]),
+            "counters": np.concatenate([self.counters, np.array([x.counter_start for x in p],
+                                                                np.uint64)]),
             "remaining": np.concatenate([self.remaining, np.array([x.max_new for x in p],
                                                                   np.int64)]),
             "deadline": np.concatenate([self.deadline, np.array([s.deadline for s in seqs],
@@ -516,7 +529,10 @@ class EngineCore:
             else:
                 s.states = None
                 s.prefilled = 0
-                if self.cache is not None and self._from_cache(s):
+                if s.params.initial_states is not None:  # a continuation: no cache, no zeros
+                    s.states = self.model.states_from_host(s.params.initial_states)
+                    self.prefilling.append(s)
+                elif self.cache is not None and self._from_cache(s):
                     whole_hits.append((s, s.states, self._hit_logits))
                     s.states = None
                 else:
@@ -642,6 +658,9 @@ class EngineCore:
             for i, reason in ended.items():
                 s = seqs[i]
                 s.sampled = int(b.counters[i])
+                if s.params.resumable and reason in ("length", "time_limit"):
+                    s.final = (self.model.states_to_host(self.model.select(
+                        b.states, np.array([i], np.intp))), int(nxt[i]), s.sampled)
                 if reason in ("length", "time_limit"):
                     s.ids.extend(s.matcher.flush())
                 self._finish(s, reason)

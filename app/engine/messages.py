@@ -29,6 +29,9 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     details: bool
     stream: bool
     submitted_at: float  # time.perf_counter(): CLOCK_MONOTONIC, the same in every process
+    initial_states: list[bytes] | None = None  # a continuation's states, float32 (1, size)
+    counter_start: int = 0
+    resumable: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -58,6 +61,9 @@ class Finish(msgspec.Struct, array_like=True):
     first_at: float | None
     finished_at: float
     prefill_s: float
+    final_states: list[bytes] | None = None  # resumable: state before the last character
+    final_id: int = 0
+    final_counter: int = 0
 
 
 class Delta(msgspec.Struct, array_like=True):

@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from app.artifact import ArtifactError, read_metadata
+from app.continuation import states_from_bytes, states_to_bytes
 from app.engine.core import EngineCore, GenerationParams, Sequence
 from app.engine.messages import (
     Abort,
@@ -142,7 +143,10 @@ class EngineLoop:
                 seed_ids=np.array(m.seed_ids, np.int32), max_new=m.max_new,
                 temperature=m.temperature, top_k=m.top_k, top_p=m.top_p, seed=m.seed,
                 stop=[tuple(s) for s in m.stop], time_limit_s=m.time_limit_s,
-                details=m.details, stream=m.stream)
+                details=m.details, stream=m.stream,
+                initial_states=None if m.initial_states is None else states_from_bytes(
+                    m.initial_states),
+                counter_start=m.counter_start, resumable=m.resumable)
             _, refusal, retry = self.core.admission(params)
         except Exception as exc:  # a request that cannot even be judged fails alone
             log.exception("could not admit a request")
@@ -194,6 +198,9 @@ class EngineLoop:
         if s.done:
             finish = Finish(s.finish_reason or "error", s.error, s.sampled, s.admitted_at,
                             s.first_at, s.finished_at or time.perf_counter(), s.prefill_s)
+            if s.final is not None:
+                finish.final_states = states_to_bytes(s.final[0])
+                finish.final_id, finish.final_counter = s.final[1], s.final[2]
             if self.seqs.pop((s.client, s.rid), None) is not None and s.params.stream:
                 self.streams -= 1
         return Delta(s.rid, ids, details, finish)

@@ -21,6 +21,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from app.continuation import states_from_bytes, states_to_bytes
 from app.engine.core import GenerationParams, QueueFullError, TokenDetail
 from app.engine.local import EngineClosedError, Request
 from app.engine.messages import (
@@ -143,7 +144,10 @@ class RemoteEngine:
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
             seed=params.seed, stop=[list(s) for s in params.stop],
             time_limit_s=params.time_limit_s, details=params.details, stream=params.stream,
-            submitted_at=req.submitted_at))
+            submitted_at=req.submitted_at,
+            initial_states=None if params.initial_states is None else states_to_bytes(
+                params.initial_states),
+            counter_start=params.counter_start, resumable=params.resumable))
         try:
             while not req.decided:
                 await req.wait(1.0)
@@ -233,6 +237,8 @@ class RemoteEngine:
                 req.sampled, req.error = f.sampled, f.error
                 req.admitted_at, req.first_at = f.admitted_at, f.first_at
                 req.prefill_s, req.finished_at = f.prefill_s, f.finished_at
+                if f.final_states is not None:
+                    req.final = (states_from_bytes(f.final_states), f.final_id, f.final_counter)
                 req.finish_reason = f.reason  # last: readers that see it see the rest
                 del self._reqs[d.rid]
             req.updated.set()
