@@ -118,6 +118,25 @@ def test_generation_streams_in_then_shows_done(page: Page) -> None:
     expect(page.locator("#error")).to_be_hidden()
 
 
+def test_continue_goes_on_exactly_as_one_longer_run(page: Page, server: Server) -> None:
+    fill_form(page, "KING:", 120, seed="4242", temperature="0.8")
+    expect(page.locator("#continue")).to_be_disabled()
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_attribute("data-state", "done")
+    expect(page.locator("#continue")).to_be_enabled()
+    page.fill("#max-chars", "80")
+    page.click("#continue")
+    expect(page.locator("#stat-chars")).to_have_text("80")
+    expect(page.locator("#status")).to_have_attribute("data-state", "done")
+    assert generated_count(page) == 200
+    shown = "".join(page.locator("#output .gen").all_text_contents())
+    with server.client() as c:
+        whole = c.post("/generate", json={"seed_text": "KING:", "max_new_chars": 200,
+                                          "seed": 4242, "temperature": 0.8}).json()["text"]
+    assert shown == whole
+    expect(page.locator("#output .seed")).to_have_text("KING:")
+
+
 def test_stop_cancels_a_long_generation(page: Page, server: Server) -> None:
     cancelled_before = metric(server, CANCELLED, missing=0)
     fill_form(page, "KING:\n", 5000)

@@ -101,6 +101,7 @@ function requestBody(seed) {
     max_new_chars: maxChars === "" ? null : Number(maxChars),
     stream: true,
     details: true,
+    resumable: true,
   });
   if (!/^\d+$/.test(seed)) throw new Error(`Random seed must be a whole number >= 0, got "${seed}"`);
   return `${body.slice(0, -1)},"seed":${seed}}`;
@@ -158,9 +159,14 @@ function appendChunk(chunk) {
   return chunk.details ? chunk.details.length : [...chunk.text].length;
 }
 
-function finishRun(summary, rawSummary) {
+// The handle of the last run that ended by length (or time): Continue goes on from it with no
+// seed re-sent, exactly as one longer run would have.
+let continuation = null;
+
+function finishRun(summary, rawSummary, continuing) {
   const seed = rawSummary.match(/"seed":\s*(\d+)/)?.[1] ?? String(summary.seed);
-  output.querySelector(".seed").textContent = summary.seed_text;  // as the model saw it
+  if (!continuing) output.querySelector(".seed").textContent = summary.seed_text;  // as the model saw it
+  continuation = summary.continuation ?? null;
   const chars = summary.usage.generated_chars;
   setStats({
     finish: FINISH[summary.finish_reason] ?? summary.finish_reason,
@@ -194,9 +200,29 @@ async function generate(event) {
   seedSpan.className = "seed";
   seedSpan.textContent = model && model.lowercase ? seedText.toLowerCase() : seedText;
   output.replaceChildren(seedSpan);
+  await run(body, seed, false);
+}
 
+async function continueRun() {
+  if (controller || !continuation) return;
+  showError("");
+  const maxChars = $("max-chars").value.trim();
+  const body = JSON.stringify({
+    model: modelSelect.value,
+    continuation,
+    max_new_chars: maxChars === "" ? null : Number(maxChars),
+    stream: true,
+    details: true,
+    resumable: true,
+  });
+  await run(body, $("stat-seed").textContent, true);
+}
+
+async function run(body, seed, continuing) {
   controller = new AbortController();
+  continuation = null;
   $("generate").disabled = true;
+  $("continue").disabled = true;
   $("stop").disabled = false;
   setStatus("running", `Generating with ${modelSelect.value}…`);
   const started = performance.now();
@@ -216,7 +242,7 @@ async function generate(event) {
         const { error } = JSON.parse(data);
         showError(`${error.message} (${error.type})`);
       } else if (type === "done") {
-        finishRun(JSON.parse(data), data);
+        finishRun(JSON.parse(data), data, continuing);
         finished = true;
       } else {
         firstAt ??= performance.now();
@@ -237,6 +263,7 @@ async function generate(event) {
   } finally {
     controller = null;
     $("generate").disabled = false;
+    $("continue").disabled = !continuation;
     $("stop").disabled = true;
   }
 }
@@ -248,6 +275,7 @@ function setTemperature(value) {
 
 form.addEventListener("submit", generate);
 $("stop").addEventListener("click", () => controller?.abort());
+$("continue").addEventListener("click", continueRun);
 modelSelect.addEventListener("change", showModelInfo);
 $("api-key").addEventListener("change", loadModels);
 temperature.addEventListener("input", () => setTemperature(temperature.value));
