@@ -64,8 +64,9 @@ def sign(handle: Handle, key: bytes) -> str:
     return f"{PREFIX}.{_b64(payload)}.{_b64(mac)}"
 
 
-def verify(token: str, key: bytes, meta: ModelMetadata, state_sizes: list[int],
+def verify(token: str, key: bytes, name: str, meta: ModelMetadata, state_sizes: list[int],
            ttl_s: float, field: str = "continuation") -> Handle:
+    """`name`: the model as served (its folder's name, which model.json's need not match)."""
     """The handle inside `token`, or InvalidRequestError saying what is wrong with it."""
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
@@ -82,7 +83,7 @@ def verify(token: str, key: bytes, meta: ModelMetadata, state_sizes: list[int],
         handle = _decoder.decode(payload)
     except msgspec.DecodeError:
         raise InvalidRequestError(f"{field} is damaged") from None
-    if handle.model != meta.name or handle.model_id != model_id(meta):
+    if handle.model != name or handle.model_id != model_id(meta):
         raise InvalidRequestError(f"{field} belongs to another model or an earlier export of "
                                   f"{handle.model!r}; start again from the text")
     age = time.time() - handle.issued_at

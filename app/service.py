@@ -305,8 +305,8 @@ class ModelService:
                 f"a continuation carries its own seed and sampling parameters; do not send "
                 f"{', '.join(clash)} with it")
         meta = served.model.meta
-        handle = verify(body.continuation or "", self.continuation_key, meta,
-                        [st.size for st in meta.onnx.states], s.continuation_ttl_s)
+        handle = verify(body.continuation or "", self.continuation_key, served.model.name,
+                        meta, [st.size for st in meta.onnx.states], s.continuation_ttl_s)
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
         if not 1 <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
@@ -325,7 +325,9 @@ class ModelService:
         return Prepared(served, params, "", False)
 
     async def submit(self, prep: Prepared) -> Request:
-        if not self.ready:
+        # Not `self.ready`: that is false when any engine is down, and one model's engine
+        # must not take the others down with it (the engine itself refuses with 503).
+        if not self.started or self.draining:
             prep.served.observer.on_rejected("unavailable")
             raise UnavailableError("the server is shutting down or not ready; retry elsewhere",
                                    headers={"Retry-After": "1"})

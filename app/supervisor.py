@@ -36,14 +36,18 @@ from typing import Any
 
 from app.artifact import ArtifactError, read_metadata
 from app.engine.remote import engine_address
+from app.lifecycle import alive_file
 from app.runtime import check_graph_file
 from app.settings import Settings
 
 log = logging.getLogger("app.supervisor")
 
-RESTARTS_ALLOWED = 5  # per RESTART_WINDOW_S, per engine
+RESTARTS_ALLOWED = 5  # per RESTART_WINDOW_S, per engine, and for the workers together
 RESTART_WINDOW_S = 60.0
 ENGINE_START_TIMEOUT_S = 300.0
+# An engine that has not touched its heartbeat file this long is hung (a deadlock, a stuck
+# driver call): it is killed and restarted like one that died.
+ENGINE_HUNG_AFTER_S = 10.0
 
 Process = multiprocessing.process.BaseProcess
 
@@ -64,7 +68,9 @@ class Supervisor:
         # import when this is set.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self.engines: dict[str, Process] = {}
+        self.started_at: dict[str, float] = {}
         self.restarts: dict[str, deque[float]] = {f.name: deque() for f in folders}
+        self.worker_restarts: deque[float] = deque()
         self.workers: list[Process] = []
         self.sock: socket.socket | None = None
         self.stopping = False
@@ -79,14 +85,28 @@ class Supervisor:
         proc = self.ctx.Process(target=engine_process.main, name=f"engine-{folder.name}",
                                 args=(folder, engine_address(self.run_dir, folder.name),
                                       self.settings))
+        alive_file(engine_address(self.run_dir, folder.name)).unlink(missing_ok=True)
         proc.start()
         self.engines[folder.name] = proc
+        self.started_at[folder.name] = time.monotonic()
         return proc
+
+    def hung(self, name: str) -> bool:
+        """Alive but silent: no heartbeat for ENGINE_HUNG_AFTER_S, or still not up long after
+        it was started."""
+        path = alive_file(engine_address(self.run_dir, name))
+        try:
+            silent = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return time.monotonic() - self.started_at[name] > ENGINE_START_TIMEOUT_S
+        return silent > ENGINE_HUNG_AFTER_S
 
     def wait_engines_up(self) -> bool:
         """Until every engine has bound its socket; False if one died while starting."""
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
+            if self.stopping:
+                return False
             for name, proc in self.engines.items():
                 if not proc.is_alive():
                     log.error("the engine of %s exited with code %s while starting", name,
@@ -108,11 +128,7 @@ class Supervisor:
 
     # --- the watch --------------------------------------------------------------------------
     def run(self) -> int:
-        for folder in self.folders:
-            self.start_engine(folder)
-        if not self.wait_engines_up():
-            self.stop_all()
-            return 2
+        # The port first: a busy one is reported at once, not after every model has loaded.
         self.sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host
                                   else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -123,6 +139,11 @@ class Supervisor:
                   file=sys.stderr)
             self.stop_all()
             return 2
+        for folder in self.folders:
+            self.start_engine(folder)
+        if not self.wait_engines_up():
+            self.stop_all()
+            return 0 if self.stopping else 2
         self.sock.listen(2048)
         self.sock.set_inheritable(True)
         n = self.settings.http_workers or default_workers()
@@ -146,7 +167,14 @@ class Supervisor:
         now = time.monotonic()
         for folder in self.folders:
             proc = self.engines[folder.name]
-            if proc.is_alive() or self.stopping:
+            if self.stopping:
+                continue
+            if proc.is_alive() and self.hung(folder.name):
+                log.error("the engine of %s stopped answering (pid %s); killing it",
+                          folder.name, proc.pid)
+                proc.kill()
+                proc.join(5)
+            if proc.is_alive():
                 continue
             if proc.pid is not None:
                 multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
@@ -163,9 +191,17 @@ class Supervisor:
             self.start_engine(folder)
         for i, proc in enumerate(self.workers):
             if not proc.is_alive() and not self.stopping:
-                log.error("an HTTP worker died (exit code %s); restarting it", proc.exitcode)
                 if proc.pid is not None:
                     multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                times = self.worker_restarts
+                while times and now - times[0] > RESTART_WINDOW_S:
+                    times.popleft()
+                if len(times) >= RESTARTS_ALLOWED:
+                    log.error("HTTP workers died %d times in %.0f s; stopping the service",
+                              len(times) + 1, RESTART_WINDOW_S)
+                    return 1
+                times.append(now)
+                log.error("an HTTP worker died (exit code %s); restarting it", proc.exitcode)
                 self.workers[i] = self.start_worker()
         return 0
 

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.connections import HttpLimits, LimitedConfig
+from app.lifecycle import die_with_parent
 from app.main import create_app
 from app.service import ModelService
 from app.settings import Settings
@@ -68,6 +69,7 @@ def main(settings: Settings, sock: socket.socket, engine_dir: Path) -> None:
     """Entry point of a worker process started by app.supervisor."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    die_with_parent()
     settings = settings.model_copy(update={"engine_dir": engine_dir})
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app.state.service,

@@ -3,7 +3,9 @@ session with the real CLI, and real servers on real ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,8 +90,10 @@ def start_server(models_dir: Path, log_path: Path, default: str = "tiny",
         "CHARLSTM_HOST": "127.0.0.1", **{f"CHARLSTM_{k.upper()}": v for k, v in env.items()},
     }
     log_file = log_path.open("w")
+    # Its own process group, so stop_server can end the supervisor and every child together.
     proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
-                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+                            stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -101,14 +105,23 @@ def start_server(models_dir: Path, log_path: Path, default: str = "tiny",
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    proc.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     raise RuntimeError(f"server did not become ready:\n{log_path.read_text()}")
 
 
 def stop_server(server: Server) -> None:
+    """SIGTERM (the supervisor stops its engines and workers), then whatever is left of the
+    process group is killed: a test never leaves server processes behind."""
     if server.proc.poll() is None:
-        server.proc.kill()
-        server.proc.wait(10)
+        server.proc.terminate()
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

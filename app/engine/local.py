@@ -233,6 +233,9 @@ class Engine:
 
     def _iteration(self) -> None:
         core = self.core
+        if self._cancel_seen:  # before decisions: a row just cancelled is a free row
+            self._cancel_seen = False
+            core.cancel_flagged()
         # At most a batch's worth of decisions per iteration: a burst is then judged on
         # iteration times measured under it, not all at once on the calibration's, and the
         # rows already running wait for a bounded amount of admission work.

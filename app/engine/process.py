@@ -36,6 +36,7 @@ from app.engine.messages import (
     encoder,
     to_engine,
 )
+from app.lifecycle import alive_file, die_with_parent
 from app.metrics import Metrics
 from app.runtime import RuntimeOptions, load_model, serving_variant
 from app.settings import Settings
@@ -83,6 +84,7 @@ class EngineLoop:
         self.last_flush = 0.0
         self.last_status = 0.0
         self.stopping = False
+        self.alive_file: Path | None = None
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -90,13 +92,21 @@ class EngineLoop:
         core = self.core
         while not self.stopping:
             busy = core.has_work
-            if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
-                self._receive()
-            if self.cancel_seen:
-                self.cancel_seen = False
-                core.cancel_flagged()
-            if core.has_work:
-                core.iterate()
+            try:
+                if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
+                    self._receive()
+                if self.cancel_seen:
+                    self.cancel_seen = False
+                    core.cancel_flagged()
+                if core.has_work:
+                    core.iterate()
+            except Exception:
+                # A bug, not a model error (those fail their rows inside the core): no row's
+                # state can be trusted, so fail them all and keep serving, as the thread
+                # driver does. Dying would take every worker's requests down with it.
+                log.exception("engine iteration failed on %s", core.model.name)
+                core.fail_everything("internal engine error")
+                core.publish()
             self._collect()
             now = time.perf_counter()
             interval = min(self.MAX_FLUSH_INTERVAL_S, self.FLUSH_S_PER_STREAM * self.streams)
@@ -128,7 +138,9 @@ class EngineLoop:
                 seq = self.seqs.get((ident, msg.rid))
                 if seq is not None:
                     seq.cancelled = True
-                    self.cancel_seen = True
+                    # Now, not after this batch of messages: a submission further on in it
+                    # must find the row free.
+                    self.core.cancel_flagged()
             elif isinstance(msg, Abort):
                 for (client, _), seq in self.seqs.items():
                     if client == ident:
@@ -213,6 +225,9 @@ class EngineLoop:
 
     def _heartbeat(self, now: float) -> None:
         self.last_status = now
+        if self.alive_file is not None:
+            # The supervisor's watchdog: a hung engine stops touching this and is restarted.
+            self.alive_file.touch()
         core = self.core
         wait = core.predict_wait() if core.has_work else 0.0
         if core.observer is not None:
@@ -243,10 +258,13 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     loop_ref: list[EngineLoop] = []
 
     def stop(sig: int, frame: FrameType | None) -> None:
+        if not loop_ref:  # still loading the model: nothing to finish
+            raise SystemExit(0)
         for loop in loop_ref:
             loop.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    die_with_parent()
     # Ctrl-C reaches the whole process group: the supervisor decides when engines stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -272,6 +290,7 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
     loop = EngineLoop(core, sock, model.provider, model.graph_file)
+    loop.alive_file = alive_file(address)
     loop_ref.append(loop)
     log.info("engine for %s ready on %s (pid %d, %s)", model.name, address, os.getpid(),
              model.graph_file)

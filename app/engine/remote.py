@@ -42,6 +42,8 @@ HEARTBEAT_S = 0.1
 # Longer than any single engine iteration (a prefill slice, a step at full batch) takes on
 # a loaded CPU, short enough that a dead engine is noticed well within a second.
 DEAD_AFTER_S = 0.8
+# An admission decision takes one engine iteration; this long without one is a lost message.
+ADMISSION_TIMEOUT_S = 30.0
 
 
 def engine_address(engine_dir: Path, model: str) -> str:
@@ -148,11 +150,15 @@ class RemoteEngine:
             initial_states=None if params.initial_states is None else states_to_bytes(
                 params.initial_states),
             counter_start=params.counter_start, resumable=params.resumable))
+        deadline = time.perf_counter() + ADMISSION_TIMEOUT_S
         try:
             while not req.decided:
                 await req.wait(1.0)
-                if not req.decided and not self._alive:
-                    raise EngineClosedError(f"the engine of model {self.name!r} stopped")
+                if not req.decided and (not self._alive or time.perf_counter() > deadline):
+                    raise EngineClosedError(f"the engine of model {self.name!r} stopped"
+                                            if not self._alive else
+                                            f"the engine of model {self.name!r} did not "
+                                            "answer in time")
         except BaseException:
             req.cancel()
             self._reqs.pop(rid, None)
@@ -252,6 +258,10 @@ class RemoteEngine:
                 self._alive = False
                 log.error("the engine of %s stopped answering; failing %d request(s) in "
                           "flight", self.name, len(self._reqs))
+                # If it was only stalled, it must not go on generating for nobody: the
+                # cancels wait in the socket until it reads again.
+                for rid in list(self._reqs):
+                    self._send(Cancel(rid))
                 self._fail_all(f"the engine of model {self.name!r} stopped")
 
     def _fail_all(self, error: str, reason: str = "error") -> None:
