@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,49 @@ def test_a_model_without_variants_serves_model_onnx(tiny_models: Path) -> None:
     assert serving_variant(meta, "cpu", "auto") is None
     with pytest.raises(ArtifactError, match="lists no int8 variant"):
         serving_variant(meta, "cpu", "int8")
+
+
+def test_killing_the_supervisor_takes_every_process_with_it(tiny_models: Path,
+                                                            tmp_path: Path) -> None:
+    srv = start_server(tiny_models, tmp_path / "server.log", http_workers="2")
+    children = psutil.Process(srv.proc.pid).children(recursive=True)
+    try:
+        srv.proc.kill()  # SIGKILL: the supervisor cannot tell anyone
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running without a supervisor: {alive}"
+    finally:
+        stop_server(srv)
+
+
+def test_a_hung_engine_is_restarted_and_never_blocks_another_model(tiny_models: Path,
+                                                                   tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "tiny", models / "tiny")
+    # Another folder name than model.json's "name": served (and continued) as "other".
+    shutil.copytree(tiny_models / "tiny", models / "other")
+    srv = start_server(models, tmp_path / "server.log")
+    try:
+        with srv.client() as c:
+            first = c.post("/generate", json={"model": "other", "seed_text": "A", "seed": 3,
+                                              "max_new_chars": 30, "resumable": True}).json()
+            go_on = c.post("/generate", json={"model": "other", "max_new_chars": 30,
+                                              "continuation": first["continuation"]})
+            assert go_on.status_code == 200, go_on.text
+            hung = engine_pid(srv, "other")
+            psutil.Process(hung).suspend()  # SIGSTOP: alive, silent
+            time.sleep(1.5)
+            assert c.get("/ready").status_code == 503
+            assert c.post("/generate", json={"model": "other", "max_new_chars": 5}
+                          ).status_code == 503
+            ok = c.post("/generate", json={"model": "tiny", "max_new_chars": 5})
+            assert ok.status_code == 200, ok.text
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                    c.get("/ready").status_code != 200 or engine_pid(srv, "other") == hung):
+                time.sleep(0.2)
+            assert engine_pid(srv, "other") != hung
+            again = c.post("/generate", json={"model": "other", "max_new_chars": 5})
+        assert again.status_code == 200
+        assert "stopped answering" in srv.log()
+    finally:
+        stop_server(srv)
