@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
-from app.auth import requires_key
+from app.auth import requires_key, tenant
 from app.errors import ClientGoneError, error_body
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
 from app.service import ModelService, Prepared
@@ -84,7 +84,7 @@ def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
 async def generate(body: GenerateRequest, svc: Svc, request: Request,
                    accept: Annotated[str | None, Header()] = None) -> Response:
     stream = wants_stream(body, accept)
-    prep = svc.prepare(body, stream)
+    prep = svc.prepare(body, stream, scope=tenant(request))
     if not stream:
         result = await until_disconnected(request, svc.run(prep))
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))

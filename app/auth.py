@@ -8,11 +8,12 @@ carry the `requires_key` dependency.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import Header
+from fastapi import Header, Request
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -68,3 +69,14 @@ class ApiKeyMiddleware:
         for key in self.keys:
             ok |= hmac.compare_digest(presented, key)
         return ok
+
+
+def tenant(request: Request) -> bytes:
+    """Who is asking, for what must not be shared between callers (the state cache): a digest
+    of the bearer key when keys are configured (the middleware has checked it), else b""
+    (every caller is one tenant)."""
+    if not request.app.state.settings.api_keys:
+        return b""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else ""
+    return hashlib.blake2b(presented.encode(), digest_size=32).digest()

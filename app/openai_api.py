@@ -21,7 +21,7 @@ from fastapi.sse import KEEPALIVE_COMMENT
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api import ERROR_RESPONSES, Svc, data_event, until_disconnected
-from app.auth import requires_key
+from app.auth import requires_key, tenant
 from app.engine import Request as EngineRequest
 from app.errors import InvalidRequestError, error_body
 from app.schemas import (
@@ -141,7 +141,7 @@ async def list_models(svc: Svc) -> ModelCardList:
 )
 async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Response:
     native = body.to_generate()
-    prep = svc.prepare(native, body.stream, V1_NAMES)
+    prep = svc.prepare(native, body.stream, V1_NAMES, scope=tenant(request))
     cid = f"cmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:

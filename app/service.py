@@ -251,7 +251,7 @@ class ModelService:
 
     # --- generation -----------------------------------------------------------------------
     def prepare(self, body: GenerateRequest, stream: bool = False,
-                names: FieldNames = NATIVE_NAMES) -> Prepared:
+                names: FieldNames = NATIVE_NAMES, scope: bytes = b"") -> Prepared:
         """Check the request against this server's limits and the model's vocabulary; messages
         name the fields as the caller does (`names`)."""
         served = self.get(body.model)
@@ -288,7 +288,7 @@ class ModelService:
             top_k=body.top_k, top_p=body.top_p,
             seed=body.seed if body.seed is not None else secrets.randbits(63),
             stop=stops, time_limit_s=time_limit, details=body.details, stream=stream,
-            resumable=body.resumable,
+            resumable=body.resumable, cache_scope=scope,
         )
         return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
 

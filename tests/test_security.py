@@ -153,3 +153,18 @@ def test_raw_garbage_on_the_socket_does_not_hurt_the_server(server: Server) -> N
         s.recv(1024)
     with server.client() as c:
         assert c.get("/health").status_code == 200
+
+
+def test_one_callers_cached_seeds_never_speed_up_another_caller(keyed_server: Server) -> None:
+    """The state cache is per API key: its timing cannot tell one caller what another sent."""
+    seed = "To be, or not to be, that is the question: " * 10
+
+    def prefill_ms(key: str) -> float:
+        with keyed_server.client(headers={"Authorization": f"Bearer {key}"}) as c:
+            r = c.post("/generate", json={"seed_text": seed, "max_new_chars": 2})
+        assert r.status_code == 200, r.text
+        return float(r.json()["timings"]["prefill_ms"])
+
+    assert prefill_ms("k-one") > 0  # first sight: prefilled, and cached for k-one
+    assert prefill_ms("k-one") == 0  # k-one again: its own cache hit
+    assert prefill_ms("k-two") > 0  # k-two never sees k-one's entry

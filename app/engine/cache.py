@@ -33,9 +33,11 @@ class Entry:
     nbytes: int
 
 
-def prefix_digests(ids: npt.NDArray[np.int32], every: int) -> dict[int, bytes]:
-    """{prefix length: digest} for every multiple of `every` below len(ids), and len(ids)."""
-    h = hashlib.blake2b(digest_size=16)
+def prefix_digests(ids: npt.NDArray[np.int32], every: int, scope: bytes = b""
+                   ) -> dict[int, bytes]:
+    """{prefix length: digest} for every multiple of `every` below len(ids), and len(ids).
+    `scope` (up to 64 bytes) keys the hash: each scope has its own entries."""
+    h = hashlib.blake2b(digest_size=16, key=scope[:64])
     raw = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
     out: dict[int, bytes] = {}
     start = 0

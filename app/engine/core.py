@@ -90,6 +90,9 @@ class GenerationParams:
     initial_states: list[npt.NDArray[np.float32]] | None = None
     counter_start: int = 0
     resumable: bool = False
+    # State-cache partition (a digest of the caller's API key): one caller's cached seeds
+    # never speed up, and so never reveal themselves to, another.
+    cache_scope: bytes = b""
 
     def check(self) -> None:
         """Raise ValueError unless every field fits the engine's arrays."""
@@ -482,7 +485,7 @@ class EngineCore:
         state and next-id logits are then in s.states and self._hit_logits)."""
         assert self.cache is not None
         seed = s.params.seed_ids
-        s.digests = prefix_digests(seed, self.prefill_chunk_chars)
+        s.digests = prefix_digests(seed, self.prefill_chunk_chars, s.params.cache_scope)
         length, entry = self.cache.lookup(s.digests)
         if self.observer:
             self.observer.on_cache(entry is not None, length, self.cache.bytes,

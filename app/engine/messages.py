@@ -32,6 +32,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     initial_states: list[bytes] | None = None  # a continuation's states, float32 (1, size)
     counter_start: int = 0
     resumable: bool = False
+    cache_scope: bytes = b""
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):

@@ -158,7 +158,8 @@ class EngineLoop:
                 details=m.details, stream=m.stream,
                 initial_states=None if m.initial_states is None else states_from_bytes(
                     m.initial_states),
-                counter_start=m.counter_start, resumable=m.resumable)
+                counter_start=m.counter_start, resumable=m.resumable,
+                cache_scope=m.cache_scope[:64])
             _, refusal, retry = self.core.admission(params)
         except Exception as exc:  # a request that cannot even be judged fails alone
             log.exception("could not admit a request")

@@ -149,7 +149,8 @@ class RemoteEngine:
             submitted_at=req.submitted_at,
             initial_states=None if params.initial_states is None else states_to_bytes(
                 params.initial_states),
-            counter_start=params.counter_start, resumable=params.resumable))
+            counter_start=params.counter_start, resumable=params.resumable,
+            cache_scope=params.cache_scope))
         deadline = time.perf_counter() + ADMISSION_TIMEOUT_S
         try:
             while not req.decided:
