@@ -8,7 +8,6 @@ the official client reads.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -174,29 +173,42 @@ async def _stream(svc: ModelService, prep: Prepared, req: EngineRequest,
             payload["usage"] = usage
         return data_event(payload)
 
-    offset = 0
-    if body.echo and prep.seed_text:
-        yield chunk(prep.seed_text, None)
-        offset = len(prep.seed_text)
-    async for part in svc.chunks(prep, req, svc.settings.keepalive_s):
-        if part is None:
-            yield KEEPALIVE_COMMENT
-            continue
-        lp = None
-        if body.logprobs is not None and "details" in part:
-            top = body.logprobs
-            lp = {"tokens": [d["char"] for d in part["details"]],
-                  "token_logprobs": [math.log(max(d["prob"], 1e-45)) for d in part["details"]],
-                  "top_logprobs": [{a["char"]: math.log(max(a["prob"], 1e-45))
-                                    for a in d["top"][:top]} for d in part["details"]]
-                  if top else None,
-                  "text_offset": [offset + i for i in range(len(part["details"]))]}
-        offset += len(part["text"])
-        yield chunk(part["text"], None, lp)
-    result = svc.response(prep, req)
-    if result.error:
-        yield f"data: {json.dumps(error_body('generation_error', result.error))}\n\n".encode()
-    yield chunk("", OPENAI_FINISH.get(result.finish_reason, "stop"))
-    if body.stream_options and body.stream_options.include_usage:
-        yield chunk("", None, usage=_usage(result))
-    yield b"data: [DONE]\n\n"
+    svc.open_streams += 1  # a drain waits for this stream's last chunk, as for /generate's
+    try:
+        offset = 0
+        if body.echo and prep.seed_text:
+            yield chunk(prep.seed_text, None)
+            offset = len(prep.seed_text)
+        try:
+            async for part in svc.chunks(prep, req, svc.settings.keepalive_s):
+                if part is None:
+                    yield KEEPALIVE_COMMENT
+                    continue
+                yield chunk(part["text"], None, _chunk_logprobs(part, body, offset))
+                offset += len(part["text"])
+        except Exception as exc:  # never cut the stream silently: say so, then finish
+            req.cancel()
+            yield data_event(error_body("internal_error", f"stream failed: "
+                                                          f"{type(exc).__name__}"))
+        result = svc.response(prep, req)
+        if result.error:
+            yield data_event(error_body("generation_error", result.error))
+        yield chunk("", OPENAI_FINISH.get(result.finish_reason, "stop"))
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk("", None, usage=_usage(result))
+        yield b"data: [DONE]\n\n"
+    finally:
+        svc.open_streams -= 1
+
+
+def _chunk_logprobs(part: dict[str, Any], body: CompletionRequest, offset: int
+                    ) -> dict[str, Any] | None:
+    if body.logprobs is None or "details" not in part:
+        return None
+    top = body.logprobs
+    details = part["details"]
+    return {"tokens": [d["char"] for d in details],
+            "token_logprobs": [math.log(max(d["prob"], 1e-45)) for d in details],
+            "top_logprobs": [{a["char"]: math.log(max(a["prob"], 1e-45)) for a in d["top"][:top]}
+                             for d in details] if top else None,
+            "text_offset": [offset + i for i in range(len(details))]}

@@ -288,9 +288,22 @@ class ModelService:
             top_k=body.top_k, top_p=body.top_p,
             seed=body.seed if body.seed is not None else secrets.randbits(63),
             stop=stops, time_limit_s=time_limit, details=body.details, stream=stream,
-            resumable=body.resumable, cache_scope=scope,
+            resumable=self._check_resumable(body, served), cache_scope=scope,
         )
         return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
+
+    def _check_resumable(self, body: GenerateRequest, served: Served) -> bool:
+        """A handle must fit in a request body to be sent back (base64 of 4 bytes per state
+        value, plus ~300 bytes of fields)."""
+        if not body.resumable:
+            return False
+        size = 4 * sum(st.size for st in served.model.meta.onnx.states) * 4 // 3 + 300
+        if size > self.settings.max_body_bytes - 1000:
+            raise InvalidRequestError(
+                f"model {served.model.name!r} has too large a state for a continuation handle "
+                f"within this server's body limit ({size} of {self.settings.max_body_bytes} "
+                "bytes, CHARLSTM_MAX_BODY_BYTES)")
+        return True
 
     # Fields a continuation takes from its handle; sending them too would make the text
     # differ from the one longer request it stands for.
@@ -320,7 +333,8 @@ class ModelService:
             temperature=handle.temperature, top_k=handle.top_k, top_p=handle.top_p,
             seed=handle.seed, stop=stops,
             time_limit_s=min(body.time_limit_s or s.time_limit_s, s.time_limit_s),
-            details=body.details, stream=stream, resumable=body.resumable,
+            details=body.details, stream=stream,
+            resumable=self._check_resumable(body, served),
             initial_states=states_from_bytes(handle.states), counter_start=handle.counter)
         return Prepared(served, params, "", False)
 

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
         256, ge=1, le=100_000, description="seed characters prefilled per decode step, shared "
         "by all seeds in prefill: a running stream waits at most one such slice between "
         "characters, however long the seeds others send")
-    max_new_chars: int = Field(5000, ge=1, description="upper bound for max_new_chars")
+    max_new_chars: int = Field(5000, ge=1, le=10_000_000,
+                               description="upper bound for max_new_chars")
     default_new_chars: int = Field(200, ge=1, description="max_new_chars when omitted")
     max_seed_chars: int = Field(4000, ge=1, description="longest accepted seed_text")
     time_limit_s: float = Field(120.0, gt=0, description="per-request wall-time limit")
