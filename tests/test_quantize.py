@@ -63,6 +63,23 @@ def test_int8_variant_over_the_bound_is_refused_and_nothing_written(tiny_copy: P
     assert "model.int8.onnx" not in files
 
 
+def test_int8_is_scored_on_the_models_own_split_by_default(tiny_copy: Path,
+                                                           small_corpus: Path) -> None:
+    """Like `evaluate`, quantize reads the validation fraction from model.json (not a fixed 0.1)."""
+    from training.evaluate import evaluate_cli
+    from training.quantize import quantize_int8
+
+    raw = json.loads((tiny_copy / "model.json").read_text())
+    raw["validation"]["fraction"] = 0.2  # as if trained with --val-fraction 0.2
+    (tiny_copy / "model.json").write_text(json.dumps(raw))
+    variant = quantize_int8(tiny_copy, [small_corpus])
+    fp32 = evaluate_cli(tiny_copy, [small_corpus], None, None)[0].score  # training windows
+    assert variant.validation.characters == fp32.characters
+    assert variant.validation.reference_loss_nats == pytest.approx(fp32.loss_nats, abs=1e-5)
+    ten_percent = evaluate_cli(tiny_copy, [small_corpus], 0.1, None)[0].score
+    assert variant.validation.characters != ten_percent.characters
+
+
 def test_unknown_variant_names_the_listed_ones(tiny_copy: Path) -> None:
     with pytest.raises(ArtifactError, match=r"no 'int4' variant \(listed: none\)"):
         load_model(tiny_copy, RuntimeOptions(device="cpu"), variant="int4")

@@ -347,7 +347,7 @@ def test_training_uses_mirrored_strategy_over_two_logical_cpus(tmp_path: Path,
 
 
 def test_help_explains_every_option_without_none_defaults() -> None:
-    for cmd in ("train", "export", "evaluate", "sample"):
+    for cmd in ("train", "export", "evaluate", "sample", "quantize", "decode-graph"):
         res = run_cli("training", cmd, "--help")
         assert res.returncode == 0
         assert "show this help" in res.stdout

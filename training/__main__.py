@@ -90,9 +90,10 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "export", help="export a checkpoint to models/<name>/ (ONNX + model.json), verified",
         description="Convert RUN_DIR/best.weights.h5 to model.onnx with explicit input/output "
         "names and dynamic batch and time, check it against Keras (logits and states within 1e-4, "
-        "greedy decoding of 200 characters identical), evaluate it on the validation split and "
-        "write model.json, the loss plot and samples. Any failed check fails the export. An "
-        "existing model folder is replaced only with --force.",
+        "greedy decoding of 200 characters identical), evaluate it on the validation split (the "
+        "three measures of `evaluate`), add decode graphs (K = 1 and 8, checked like "
+        "`decode-graph`) and write model.json, the loss plot and samples. Any failed check fails "
+        "the export. An existing model folder is replaced only with --force.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("run_dir", type=Path, help="a run folder written by `train`")
@@ -153,13 +154,14 @@ def _quantize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "next to the fp32 graph on the validation split (windows of the training length from a "
         "zero state) and list it in model.json under `variants`; refused, with nothing written, "
         "when it loses more than --max-increase nats/char. Needs no TensorFlow.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
     p.add_argument("text", nargs="*", type=Path,
                    help="text file(s); default: the corpus files named in model.json")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="score the last fraction of the text; 1 scores all of it")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="score the last fraction of the text; 1 scores all of it; default: the "
+                   "model's validation fraction from model.json")
     p.add_argument("--window", type=int, default=None,
                    help="characters per window; default: the training window from model.json")
     p.add_argument("--max-increase", type=float, default=0.01,
@@ -174,7 +176,7 @@ def _decode_graph_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "Each is checked against the step graph with the host sampler on the same uniforms and "
         "listed in model.json under `decode_graphs`; its weights are read from the step graph "
         "file, so it adds kilobytes. Needs no TensorFlow.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 8],
@@ -239,14 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             if target.exists() and not args.force:
                 raise FileExistsError(f"{target} already exists: pass --force to replace it, or "
                                       "choose another --name")
-            from training.evaluate import evaluate_cli
             from training.export import export
 
             out = export(args.run_dir, args.name, args.models_dir, checkpoint=args.checkpoint,
                          opset=args.opset, tolerance=args.tolerance)
             print(f"exported {out}")
-            # The two other validation measures, with the model's own corpus and split.
-            evaluate_cli(out, [], None, None, update=True)
         elif args.command == "evaluate":
             from training.evaluate import evaluate_cli
 

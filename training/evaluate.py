@@ -182,10 +182,10 @@ def record_validation(model: OnnxModel, measures: list[Measure], fraction: float
     return write_metadata_atomically(model.dir, meta)
 
 
-def print_measures(model: OnnxModel, measures: list[Measure], fraction: float) -> None:
+def print_measures(name: str, measures: list[Measure], fraction: float) -> None:
     what = "all" if fraction >= 1 else f"the last {fraction:.0%}"
     chars = measures[-1].score.characters + 1
-    print(f"model {model.name}: validation loss on {what} of the text ({chars:,} characters)")
+    print(f"model {name}: validation loss on {what} of the text ({chars:,} characters)")
     for m in measures:
         s = m.score
         print(f"  {m.key:<17} {s.loss_nats:.4f} nats/char  {s.bits_per_char:.4f} bits/char  "
@@ -212,7 +212,7 @@ def evaluate_cli(model_dir: Path, texts: list[Path], val_fraction: float | None,
                                 "and --window at their defaults")
     ids = validation_ids(model, corpus, fraction)
     measures = measure_all(model.run_numpy, model.state_sizes, ids, window or train_window)
-    print_measures(model, measures, fraction)
+    print_measures(model.name, measures, fraction)
     if update:
         print(f"updated {record_validation(model, measures, fraction)}")
     return measures

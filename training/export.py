@@ -3,8 +3,9 @@ samples.md}.
 
 The export checks its own output before it is published: onnxruntime and Keras must agree on
 logits and states (random ids and states) and on a 200-character greedy decode, and each decode
-graph must sample what the host sampler samples (training/decode_artifact.py). The artifact is
-built in a temporary folder and moved into place only when every check passes.
+graph must sample what the host sampler samples (training/decode_artifact.py). The validation
+loss is measured there too, the three ways of training/evaluate.py. The artifact is built in a
+temporary folder and moved into place only when every check passes and model.json is complete.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from app.artifact import (
     ModelMetadata,
     OnnxSpec,
     StateSpec,
-    ValidationInfo,
     write_metadata,
 )
 from app.runtime import OnnxModel, RuntimeOptions, load_model
@@ -38,7 +38,7 @@ from app.vocab import Vocabulary
 from training import corpus as corpus_mod
 from training import data
 from training.decode_artifact import add_decode_graphs
-from training.evaluate import cross_entropy
+from training.evaluate import measure_all, print_measures, validation_info
 from training.generate import generate
 from training.model import ModelConfig, build_inference_model, build_training_model, copy_weights
 from training.train import CONFIG_FILE, LOG_FILE, PLOT_FILE, SAMPLE_TEMPERATURES, read_log
@@ -196,13 +196,13 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
         model = load_model(work, RuntimeOptions(device="cpu", intra_op_threads=0))
         seed_text = vocab.decode(val_ids[:60])
         parity = _parity(twin, model, cfg, vocab, seed_text, tolerance)
-        score = cross_entropy(model, val_ids, int(saved["seq_len"]))
+        # The three measures of training/evaluate.py, recorded before the folder is published.
+        fraction = float(saved["val_fraction"])
+        measures = measure_all(model.run_numpy, model.state_sizes, val_ids,
+                               int(saved["seq_len"]))
         meta = meta.model_copy(update={
             "parity": parity,
-            "validation": ValidationInfo(
-                fraction=float(saved["val_fraction"]), characters=score.characters,
-                window=score.window, loss_nats=round(score.loss_nats, 4),
-                bits_per_char=round(score.bits_per_char, 4)),
+            "validation": validation_info(measures, fraction),
             "training": {**meta.training, **_training_summary(run_dir)},
         })
         write_metadata(work, meta)
@@ -220,8 +220,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
             shutil.rmtree(work)
     print(f"parity: max |logits diff| {parity['max_abs_logits']:.2e}, max |state diff| "
           f"{parity['max_abs_state']:.2e}, greedy {GREEDY_CHARS} chars identical")
-    print(f"validation: {score.loss_nats:.4f} nats/char, {score.bits_per_char:.4f} bits/char over "
-          f"{score.characters:,} characters")
+    print_measures(name, measures, fraction)  # model.name is the temporary folder's
     print("decode graphs: " + ", ".join(f"{d.file} (K={d.steps})" for d in decode_graphs))
     return target
 

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from app.artifact import GraphVariant, VariantCheck, read_metadata, write_metadata
 from app.runtime import RuntimeOptions, load_model, open_step_graph
-from training.evaluate import cross_entropy, load_text, validation_ids
+from training.evaluate import (
+    cross_entropy,
+    load_text,
+    model_train_window,
+    model_val_fraction,
+    validation_ids,
+)
 
 INT8 = "int8"
 METHOD = "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8, per_channel=False)"
@@ -29,10 +35,11 @@ def variant_file(name: str) -> str:
     return f"model.{name}.onnx"
 
 
-def quantize_int8(model_dir: Path, texts: list[Path], val_fraction: float = 0.1,
+def quantize_int8(model_dir: Path, texts: list[Path], val_fraction: float | None = None,
                   window: int | None = None,
                   max_increase: float = MAX_INCREASE_NATS) -> GraphVariant:
-    """Write model.int8.onnx and list it in model.json, or raise QuantizeError."""
+    """Write model.int8.onnx and list it in model.json, or raise QuantizeError. By default it is
+    scored on the model's own validation split and window (model.json), like `evaluate`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     meta = read_metadata(model_dir)
@@ -43,8 +50,9 @@ def quantize_int8(model_dir: Path, texts: list[Path], val_fraction: float = 0.1,
     try:
         quantize_dynamic(model_dir / meta.onnx.file, partial, weight_type=QuantType.QInt8)
         int8 = open_step_graph(model_dir, meta, partial.name, options)
-        ids = validation_ids(fp32, load_text(meta, texts), val_fraction)
-        win = window or int(meta.training.get("seq_len", 100))  # type: ignore[call-overload]
+        fraction = model_val_fraction(meta) if val_fraction is None else val_fraction
+        ids = validation_ids(fp32, load_text(meta, texts), fraction)
+        win = window or model_train_window(meta)
         reference = cross_entropy(fp32, ids, win)
         score = cross_entropy(int8, ids, win)
         print(f"{meta.name}: fp32 {reference.loss_nats:.4f}, int8 {score.loss_nats:.4f} "
