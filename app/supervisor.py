@@ -142,8 +142,9 @@ class Supervisor:
         for folder in self.folders:
             self.start_engine(folder)
         if not self.wait_engines_up():
+            interrupted = self.stopping  # a signal during start-up is not a failure
             self.stop_all()
-            return 0 if self.stopping else 2
+            return 0 if interrupted else 2
         self.sock.listen(2048)
         self.sock.set_inheritable(True)
         n = self.settings.http_workers or default_workers()

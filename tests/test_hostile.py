@@ -4,6 +4,7 @@ that vanish, a flood of long seeds, an overload far past capacity, a drain that 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import signal
 import threading
@@ -164,21 +165,27 @@ def test_a_flood_of_long_seeds_leaves_running_streams_a_bounded_gap(
         bound = max(MIN_GAP_BOUND_S, SLICES_ALLOWED * slice_time_now())
         before = counter.value
         gaps: list[float] = []
+        text = ""
         with httpx.Client(base_url=shakespeare.url, timeout=60) as c, connect_sse(
                 c, "POST", "/generate", json={"seed_text": "ROMEO:", "max_new_chars": 400,
                                               "stream": True, "seed": 1}) as es:
             last = None
             for ev in es.iter_sse():
                 now = time.perf_counter()
-                if ev.event == "message" and last is not None:
-                    gaps.append(now - last)
+                if ev.event == "message":
+                    text += json.loads(ev.data)["text"]
+                    if last is not None:
+                        gaps.append(now - last)
                 last = now
         flooded = counter.value - before
     finally:
         flood.kill()
         flood.join(10)
     assert flooded >= 20, "the flood did not run alongside the stream"
-    assert len(gaps) > 50
+    # Under load the workers coalesce several characters per event, so count characters
+    # for completeness and events only for a meaningful gap sample.
+    assert len(text) == 400
+    assert len(gaps) >= 10
     print(f"\nflood: largest gap {max(gaps) * 1e3:.0f} ms (bound {bound * 1e3:.0f} ms), "
           f"{flooded} long seeds alongside")
     assert max(gaps) < bound, f"largest gap {max(gaps):.3f} s with {flooded} long seeds"
