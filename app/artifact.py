@@ -7,7 +7,9 @@ without pulling in TensorFlow or onnxruntime.
 
 from __future__ import annotations
 
+import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -267,6 +269,16 @@ def read_metadata(model_dir: Path) -> ModelMetadata:
 
 
 def write_metadata(model_dir: Path, meta: ModelMetadata) -> Path:
+    """Replace model.json in one rename, so a server starting meanwhile reads the old file or
+    the new one, never half of one (quantize, decode-graph and evaluate --update rewrite it in
+    folders that may be served)."""
     path = model_dir / METADATA_FILE
-    path.write_text(meta.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{METADATA_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(meta.model_dump_json(indent=2) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the service often runs as another user
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path

@@ -37,6 +37,10 @@ def test_int8_variant_is_listed_with_its_loss_within_the_bound(tiny_copy: Path,
     assert meta.validation is not None
     assert check.reference_loss_nats == pytest.approx(meta.validation.loss_nats, abs=1e-4)
     assert check.window == meta.validation.window
+    # model.json replaced in one rename (the folder may be served): no temporary left, readable
+    # by a service running as another user.
+    assert not [p.name for p in tiny_copy.iterdir() if p.name.startswith(".")]
+    assert (tiny_copy / "model.json").stat().st_mode & 0o777 == 0o644
 
     fp32 = load_model(tiny_copy, RuntimeOptions(device="cpu"))
     int8 = load_model(tiny_copy, RuntimeOptions(device="cpu"), variant="int8")

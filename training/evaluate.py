@@ -14,15 +14,19 @@ prediction gets:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from app.artifact import METADATA_FILE, LossMeasure, ModelMetadata, ValidationInfo
+from app.artifact import (
+    METADATA_FILE,
+    LossMeasure,
+    ModelMetadata,
+    ValidationInfo,
+    write_metadata,
+)
 from app.runtime import OnnxModel, RuntimeOptions, load_model
 from training import corpus as corpus_mod
 from training import data
@@ -161,25 +165,10 @@ def validation_ids(model: OnnxModel, corpus: corpus_mod.Corpus, val_fraction: fl
     return data.split(ids, val_fraction)[1]
 
 
-def write_metadata_atomically(model_dir: Path, meta: ModelMetadata) -> Path:
-    """Replace model.json in one rename, so a server starting meanwhile reads old or new,
-    never half a file."""
-    path = model_dir / METADATA_FILE
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{METADATA_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(meta.model_dump_json(indent=2) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the service often runs as another user
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def record_validation(model: OnnxModel, measures: list[Measure], fraction: float) -> Path:
     """Write the measures into the model's model.json, keeping every other field."""
     meta = model.meta.model_copy(update={"validation": validation_info(measures, fraction)})
-    return write_metadata_atomically(model.dir, meta)
+    return write_metadata(model.dir, meta)  # atomic: one rename
 
 
 def print_measures(name: str, measures: list[Measure], fraction: float) -> None:
