@@ -91,8 +91,9 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         description="Convert RUN_DIR/best.weights.h5 to model.onnx with explicit input/output "
         "names and dynamic batch and time, check it against Keras (logits and states within 1e-4, "
         "greedy decoding of 200 characters identical), evaluate it on the validation split and "
-        "write model.json, the loss plot and samples. Any failed check fails the export. An "
-        "existing model folder is replaced only with --force.",
+        "write model.json, the loss plot and samples. Any failed check fails the export. The "
+        "folder is built hidden and renamed into place, so a running service never sees a part "
+        "of it. An existing model folder is replaced only with --force.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("run_dir", type=Path, help="a run folder written by `train`")
@@ -103,8 +104,8 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs difference allowed between ONNX and Keras outputs")
     p.add_argument("--force", action="store_true",
-                   help="replace MODELS_DIR/NAME if it exists (a running server keeps the old "
-                   "model until restarted)")
+                   help="replace MODELS_DIR/NAME if it exists (a running `python -m app` "
+                   "loads the new one live and finishes running generations on the old)")
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -239,14 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             if target.exists() and not args.force:
                 raise FileExistsError(f"{target} already exists: pass --force to replace it, or "
                                       "choose another --name")
-            from training.evaluate import evaluate_cli
             from training.export import export
 
             out = export(args.run_dir, args.name, args.models_dir, checkpoint=args.checkpoint,
                          opset=args.opset, tolerance=args.tolerance)
             print(f"exported {out}")
-            # The two other validation measures, with the model's own corpus and split.
-            evaluate_cli(out, [], None, None, update=True)
         elif args.command == "evaluate":
             from training.evaluate import evaluate_cli
 

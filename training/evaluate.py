@@ -182,10 +182,12 @@ def record_validation(model: OnnxModel, measures: list[Measure], fraction: float
     return write_metadata_atomically(model.dir, meta)
 
 
-def print_measures(model: OnnxModel, measures: list[Measure], fraction: float) -> None:
+def print_measures(model: OnnxModel, measures: list[Measure], fraction: float,
+                   name: str | None = None) -> None:
     what = "all" if fraction >= 1 else f"the last {fraction:.0%}"
     chars = measures[-1].score.characters + 1
-    print(f"model {model.name}: validation loss on {what} of the text ({chars:,} characters)")
+    print(f"model {name or model.name}: validation loss on {what} of the text "
+          f"({chars:,} characters)")
     for m in measures:
         s = m.score
         print(f"  {m.key:<17} {s.loss_nats:.4f} nats/char  {s.bits_per_char:.4f} bits/char  "

@@ -4,7 +4,9 @@ samples.md}.
 The export checks its own output before it is published: onnxruntime and Keras must agree on
 logits and states (random ids and states) and on a 200-character greedy decode, and each decode
 graph must sample what the host sampler samples (training/decode_artifact.py). The artifact is
-built in a temporary folder and moved into place only when every check passes.
+built in a hidden temporary folder in the models folder and moved into place by renames only
+when every check passes (app.artifact.publish_folder), so a running service that reloads
+models (app/reload.py) never sees a half-written folder.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from app.artifact import (
     ModelMetadata,
     OnnxSpec,
     StateSpec,
-    ValidationInfo,
+    check_model_name,
+    publish_folder,
     write_metadata,
 )
 from app.runtime import OnnxModel, RuntimeOptions, load_model
@@ -38,7 +41,7 @@ from app.vocab import Vocabulary
 from training import corpus as corpus_mod
 from training import data
 from training.decode_artifact import add_decode_graphs
-from training.evaluate import cross_entropy
+from training.evaluate import measure_all, print_measures, validation_info
 from training.generate import generate
 from training.model import ModelConfig, build_inference_model, build_training_model, copy_weights
 from training.train import CONFIG_FILE, LOG_FILE, PLOT_FILE, SAMPLE_TEMPERATURES, read_log
@@ -145,8 +148,7 @@ def _load_corpus(saved: dict[str, Any]) -> corpus_mod.Corpus:
 
 def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.weights.h5",
            opset: int = 17, tolerance: float = 1e-4) -> Path:
-    if not name or Path(name).name != name or name.startswith("."):
-        raise ExportError(f"model name must be a plain folder name, got {name!r}")
+    check_model_name(name)
     _tensorflow_on_cpu()
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
@@ -196,13 +198,11 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
         model = load_model(work, RuntimeOptions(device="cpu", intra_op_threads=0))
         seed_text = vocab.decode(val_ids[:60])
         parity = _parity(twin, model, cfg, vocab, seed_text, tolerance)
-        score = cross_entropy(model, val_ids, int(saved["seq_len"]))
+        measures = measure_all(model.run_numpy, model.state_sizes, val_ids,
+                               int(saved["seq_len"]))
         meta = meta.model_copy(update={
             "parity": parity,
-            "validation": ValidationInfo(
-                fraction=float(saved["val_fraction"]), characters=score.characters,
-                window=score.window, loss_nats=round(score.loss_nats, 4),
-                bits_per_char=round(score.bits_per_char, 4)),
+            "validation": validation_info(measures, float(saved["val_fraction"])),
             "training": {**meta.training, **_training_summary(run_dir)},
         })
         write_metadata(work, meta)
@@ -211,17 +211,16 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
         for extra in (PLOT_FILE, LOG_FILE):
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, work / extra)
+        # Everything, the three validation measures included, is in place before the folder
+        # is published: a running service loads it once, whole.
         target = models_dir / name
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
+        publish_folder(work, target)
     finally:
         if work.exists():
             shutil.rmtree(work)
     print(f"parity: max |logits diff| {parity['max_abs_logits']:.2e}, max |state diff| "
           f"{parity['max_abs_state']:.2e}, greedy {GREEDY_CHARS} chars identical")
-    print(f"validation: {score.loss_nats:.4f} nats/char, {score.bits_per_char:.4f} bits/char over "
-          f"{score.characters:,} characters")
+    print_measures(model, measures, float(saved["val_fraction"]), name=name)
     print("decode graphs: " + ", ".join(f"{d.file} (K={d.steps})" for d in decode_graphs))
     return target
 
