@@ -8,8 +8,10 @@ without pulling in TensorFlow or onnxruntime.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -282,3 +284,34 @@ def write_metadata(model_dir: Path, meta: ModelMetadata) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def check_model_name(name: str) -> None:
+    """A model is a folder of the models folder: a plain name, not hidden (names starting with
+    "." are exports in progress, which the service ignores)."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"model name must be a plain folder name not starting with '.', "
+                         f"got {name!r}")
+
+
+def publish_folder(work: Path, target: Path) -> None:
+    """Move a finished model folder `work` (a hidden sibling of `target`, ".<name>.*", which
+    the service never looks at) into place as `target`, replacing whatever is there. Each step
+    is a rename, so the service sees the old folder or the new one, whole: the old one is
+    renamed aside (hidden) first, the new one renamed in, then the old one deleted. Between the
+    two renames the name is missing for microseconds; a reload round that looks just then
+    waits (app/reload.py) before treating a folder as removed."""
+    if work.parent != target.parent or not work.name.startswith("."):
+        raise ValueError(f"{work} must be a hidden folder beside {target}")
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)
+    try:
+        work.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)  # put the old model back: nothing was published
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -44,6 +44,14 @@ class UnauthorizedError(ServiceError):
     status, type = 401, "unauthorized"
 
 
+class ForbiddenError(ServiceError):
+    status, type = 403, "forbidden"
+
+
+class NotSupportedError(ServiceError):
+    status, type = 501, "not_supported"
+
+
 class PayloadTooLargeError(ServiceError):
     status, type = 413, "payload_too_large"
 

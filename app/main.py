@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app import api, openai_api
+from app import admin, api, openai_api
 from app.artifact import ArtifactError
 from app.auth import ApiKeyMiddleware
 from app.errors import install_handlers
@@ -35,13 +37,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", exc)
             raise RuntimeError(f"cannot start: {exc}") from None
         svc.start()
+        follower = None
         if settings.engine_dir is not None:
             await svc.engines_up(timeout_s=60.0)
+            follower = asyncio.ensure_future(svc.follow())
+        else:
+            log.info("hot reload is off in this process layout (engines on threads): restart "
+                     "to load new or changed models; `python -m app` loads them live")
         log.info("ready: %s", ", ".join(f"{n} on {s.engine.provider}"
                                         for n, s in svc.models.items()))
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
             svc.close()
 
     app = FastAPI(
@@ -54,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = svc
     install_handlers(app)
-    routers = [api.protected, openai_api.router, api.open_routes]
+    routers = [api.protected, openai_api.router, admin.router, api.open_routes]
     for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")

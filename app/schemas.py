@@ -181,6 +181,9 @@ class ModelInfo(BaseModel):
     validation_loss_nats: float | None
     validation_bits_per_char: float | None
     corpus: str
+    version: int = Field(1, description="version of the model folder served: 1 at start-up, "
+                         "one more per hot reload (`python -m app`)")
+    created: str = Field("", description="when the model was exported (model.json)")
     predicted_wait_s: float = Field(
         0.0, description="predicted wait for a batch row of a request sent now (429 past the "
         "server's limit)")

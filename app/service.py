@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import ValidationError
 
 from app.artifact import ArtifactError, ModelMetadata, check_inside, read_metadata
 from app.continuation import (
@@ -33,13 +34,14 @@ from app.engine import (
     QueueFullError,
     Request,
 )
-from app.engine.remote import RemoteEngine, engine_address
+from app.engine.remote import RemoteEngine
 from app.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
     UnavailableError,
 )
+from app.manifest import POLL_S, ServedVersion, read_manifest
 from app.metrics import Metrics, ModelObserver
 from app.runtime import RuntimeOptions, load_model, serving_variant
 from app.schemas import (
@@ -62,6 +64,12 @@ from app.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 EMPTY_SEED_PRIMER = "\n"
+# A new version's engine is warm before the manifest names it: its first heartbeat is due
+# within a tenth of a second.
+NEW_ENGINE_TIMEOUT_S = 10.0
+# A replaced version's engine ends its leftovers at CHARLSTM_DRAIN_S with its own reason; the
+# worker gives up on it this much later.
+RETIRE_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class ModelSpec:
     dir: Path
     meta: ModelMetadata
     vocab: Vocabulary
+    version: int = 1  # under `python -m app`: one more per hot reload (app/reload.py)
 
 
 class EngineHandle(Protocol):
@@ -136,24 +145,29 @@ class ModelService:
         self.started = False
         self.draining = False
         self.open_streams = 0  # SSE replies still being written (a drain waits for them)
+        # Hot reload (engine processes only): the manifest generation served, and the
+        # replaced versions still finishing their requests.
+        self.generation = 0
+        self.retiring: dict[EngineHandle, asyncio.Task[None]] = {}
+        self._sync_lock = asyncio.Lock()
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
-        """Every model folder: with engine processes (CHARLSTM_ENGINE_DIR, set by the
-        supervisor) read its metadata and connect; otherwise load it here (validate, check
-        graph, warm up) and run its engine on a thread. Any failure stops start-up.
-        Loading twice is a no-op."""
+        """Every model: with engine processes (CHARLSTM_ENGINE_DIR, set by the supervisor)
+        the versions its manifest names (metadata read, engines connected); otherwise every
+        model folder, loaded here (validated, graph checked, warmed up) with its engine on a
+        thread. Any failure stops start-up. Loading twice is a no-op."""
         if self.models:
             return
         s = self.settings
-        for folder in discover(s.models_dir):
-            if s.engine_dir is not None:
-                meta = read_metadata(folder)
-                spec = ModelSpec(folder.name, folder, meta, meta.vocabulary())
-                engine: EngineHandle = RemoteEngine(spec.name, engine_address(s.engine_dir,
-                                                                              spec.name))
-                observer = self.metrics.observer(spec.name)
-            else:
+        if s.engine_dir is not None:
+            manifest = read_manifest(s.engine_dir)
+            for entry in manifest.models.values():
+                spec, remote = self._version(entry)
+                self.models[spec.name] = Served(spec, remote, self.metrics.observer(spec.name))
+            self.generation = manifest.generation
+        else:
+            for folder in discover(s.models_dir):
                 model = load_model(folder, RuntimeOptions(device=s.device,
                                                           intra_op_threads=s.intra_op_threads),
                                    serving_variant(read_metadata(folder), s.device, s.variant))
@@ -163,7 +177,7 @@ class ModelService:
                                 max_wait_s=s.max_wait_s, observer=observer,
                                 prefill_chunk_chars=s.prefill_chunk_chars,
                                 state_cache_bytes=int(s.state_cache_mb * 2**20))
-            self.models[spec.name] = Served(spec, engine, observer)
+                self.models[spec.name] = Served(spec, engine, observer)
         if self.settings.default_model not in self.models:
             raise ArtifactError(
                 f"default model {self.settings.default_model!r} is not in "
@@ -197,7 +211,8 @@ class ModelService:
         """Stop admitting (503, not ready) and give running requests up to grace_s to finish;
         past that every request ends with an error and each stream writes its final events."""
         self.draining = True
-        results = await asyncio.gather(*(s.engine.drain(grace_s) for s in self.models.values()))
+        engines = [*(s.engine for s in self.models.values()), *self.retiring]
+        results = await asyncio.gather(*(e.drain(grace_s) for e in engines))
         await self.streams_closed(timeout_s=5.0)
         return all(results)
 
@@ -212,6 +227,80 @@ class ModelService:
         self.started = False
         for served in self.models.values():
             served.engine.close()
+        for engine, task in self.retiring.items():
+            task.cancel()
+            engine.close()
+
+    # --- hot reload (engine processes) ----------------------------------------------------
+    async def follow(self) -> None:
+        """Serve what the supervisor's manifest says, looking every POLL_S."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                await self.sync()
+            except Exception:  # the next look tries again; the versions serving keep serving
+                log.exception("could not follow the supervisor's manifest")
+
+    async def sync(self) -> None:
+        """Apply the manifest if it is newer than what this worker serves: a new version's
+        engine is connected and answering before new requests go to it; the one it replaces
+        finishes this worker's requests, then is closed. Requests already prepared keep the
+        model (vocabulary, engine) they were prepared with."""
+        assert self.settings.engine_dir is not None
+        async with self._sync_lock:
+            try:
+                manifest = read_manifest(self.settings.engine_dir)
+            except (OSError, ValidationError) as exc:
+                log.error("cannot read the supervisor's manifest: %s", exc)
+                return
+            if manifest.generation <= self.generation:
+                return
+            if await self._apply(manifest.models):
+                self.generation = manifest.generation
+
+    async def _apply(self, versions: dict[str, ServedVersion]) -> bool:
+        complete = True
+        for entry in versions.values():
+            old = self.models.get(entry.name)
+            if old is not None and old.model.version == entry.version:
+                continue
+            try:
+                spec, remote = self._version(entry)
+            except ArtifactError as exc:
+                log.error("cannot serve %s version %d: %s", entry.name, entry.version, exc)
+                complete = False
+                continue
+            remote.start()
+            if not await remote.wait_alive(NEW_ENGINE_TIMEOUT_S):
+                log.error("the engine of %s version %d does not answer; trying again",
+                          entry.name, entry.version)
+                remote.close()
+                complete = False
+                continue
+            observer = old.observer if old else self.metrics.observer(spec.name)
+            self.models[spec.name] = Served(spec, remote, observer)
+            log.info("serving %s version %d", spec.name, spec.version)
+            if old is not None:
+                self._retire(old.engine)
+        for name in [n for n in self.models if n not in versions]:
+            log.info("%s is no longer served (its folder was removed)", name)
+            self._retire(self.models.pop(name).engine)
+        return complete
+
+    def _version(self, entry: ServedVersion) -> tuple[ModelSpec, RemoteEngine]:
+        meta = read_metadata(entry.dir)
+        spec = ModelSpec(entry.name, entry.dir, meta, meta.vocabulary(), entry.version)
+        return spec, RemoteEngine(entry.name, entry.address)
+
+    def _retire(self, engine: EngineHandle) -> None:
+        async def retire() -> None:
+            try:
+                await engine.drain(self.settings.drain_s + RETIRE_MARGIN_S)
+            finally:
+                engine.close()
+                self.retiring.pop(engine, None)
+
+        self.retiring[engine] = asyncio.ensure_future(retire())
 
     # --- lookups --------------------------------------------------------------------------
     def get(self, name: str | None) -> Served:
@@ -234,7 +323,7 @@ class ModelService:
             graph=served.engine.graph,
             validation_loss_nats=val.loss_nats if val else None,
             validation_bits_per_char=val.bits_per_char if val else None,
-            corpus=meta.corpus.name,
+            corpus=meta.corpus.name, version=m.version, created=meta.created,
             predicted_wait_s=round(served.engine.predicted_wait_s, 3),
             chars_per_s=round(served.engine.chars_per_s, 1),
         )

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     http_workers: int = Field(
         0, ge=0, le=64, description="HTTP worker processes for `python -m app`; 0 picks one "
         "per two cores (at least one), leaving the rest to the engine processes")
+    watch_models: bool = Field(
+        True, description="`python -m app` only: load a new or changed model folder while "
+        "serving as soon as it appears (watchfiles); off: only on SIGHUP or POST /admin/reload")
     engine_dir: Path | None = Field(
         None, description="set by `python -m app` for its workers: the folder of the engine "
         "processes' sockets. Unset (as under `uvicorn app.main:app`), every model's engine "

@@ -6,8 +6,14 @@ sharing one listening socket, and this process watching them all.
   is up, so the first request finds them ready.
 - An engine process that dies is restarted (workers fail its requests in flight at once
   and report not ready meanwhile); one that keeps dying (5 times in a minute) stops the
-  service with exit code 1, so an orchestrator restarts the whole thing.
-- A worker that dies is restarted.
+  service with exit code 1, so an orchestrator restarts the whole thing. An engine that is
+  alive but silent (no heartbeat for ENGINE_HUNG_AFTER_S: a deadlock, a stuck driver call)
+  is killed and counts as one that died.
+- A worker that dies is restarted, within the same budget for the workers together.
+- Every child dies with this process (PR_SET_PDEATHSIG), even when it is SIGKILLed.
+- Hot reload (app/reload.py): a new or changed model folder is loaded beside the version
+  serving, on a change in the models folder (CHARLSTM_WATCH_MODELS), on SIGHUP, or on
+  POST /admin/reload (asked over the control socket, answered when the round ends).
 - SIGTERM / Ctrl-C: workers drain (CHARLSTM_DRAIN_S), then engines stop, exit 0. A second
   signal stops everything at once.
 
@@ -30,13 +36,17 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import zmq
+
 from app.artifact import ArtifactError, read_metadata
-from app.engine.remote import engine_address
 from app.lifecycle import alive_file
+from app.manifest import RELOAD_REQUEST, control_address
+from app.reload import ENGINE_START_TIMEOUT_S, EngineProcess, FolderWatcher, Reloader, Version
 from app.runtime import check_graph_file
 from app.settings import Settings
 
@@ -44,10 +54,10 @@ log = logging.getLogger("app.supervisor")
 
 RESTARTS_ALLOWED = 5  # per RESTART_WINDOW_S, per engine, and for the workers together
 RESTART_WINDOW_S = 60.0
-ENGINE_START_TIMEOUT_S = 300.0
-# An engine that has not touched its heartbeat file this long is hung (a deadlock, a stuck
-# driver call): it is killed and restarted like one that died.
+# An engine that has not touched its heartbeat file this long is hung: it is killed and
+# restarted like one that died.
 ENGINE_HUNG_AFTER_S = 10.0
+TICK_S = 0.1
 
 Process = multiprocessing.process.BaseProcess
 
@@ -67,52 +77,49 @@ class Supervisor:
         # Before any child starts: each one picks prometheus-client's multiprocess mode on
         # import when this is set.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
-        self.engines: dict[str, Process] = {}
-        self.started_at: dict[str, float] = {}
-        self.restarts: dict[str, deque[float]] = {f.name: deque() for f in folders}
+        self.reloader = Reloader(self, settings.models_dir, self.run_dir,
+                                 settings.default_model, settings.drain_s)
+        self.watcher: FolderWatcher | None = None
+        self.restarts: dict[str, deque[float]] = {}
         self.worker_restarts: deque[float] = deque()
         self.workers: list[Process] = []
         self.sock: socket.socket | None = None
+        self.zmq = zmq.Context()
+        self.control: zmq.Socket[bytes] | None = None
         self.stopping = False
         self.signals = 0
 
     # --- processes ------------------------------------------------------------------------
-    def start_engine(self, folder: Path) -> Process:
+    def launch_engine(self, version: Version) -> EngineProcess:
         from app.engine import process as engine_process
 
-        sock_path = self.run_dir / f"{folder.name}.sock"
-        sock_path.unlink(missing_ok=True)
-        proc = self.ctx.Process(target=engine_process.main, name=f"engine-{folder.name}",
-                                args=(folder, engine_address(self.run_dir, folder.name),
-                                      self.settings))
-        alive_file(engine_address(self.run_dir, folder.name)).unlink(missing_ok=True)
+        proc = self.ctx.Process(target=engine_process.main, name=f"engine-{version.name}",
+                                args=(version.snapshot, version.address, self.settings,
+                                      version.reason_path))
+        alive_file(version.address).unlink(missing_ok=True)  # a restart starts unheard
         proc.start()
-        self.engines[folder.name] = proc
-        self.started_at[folder.name] = time.monotonic()
         return proc
 
-    def hung(self, name: str) -> bool:
-        """Alive but silent: no heartbeat for ENGINE_HUNG_AFTER_S, or still not up long after
-        it was started."""
-        path = alive_file(engine_address(self.run_dir, name))
-        try:
-            silent = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return time.monotonic() - self.started_at[name] > ENGINE_START_TIMEOUT_S
-        return silent > ENGINE_HUNG_AFTER_S
+    def engine_exited(self, proc: EngineProcess) -> None:
+        from prometheus_client import multiprocess
+
+        if proc.pid is not None:
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
 
     def wait_engines_up(self) -> bool:
         """Until every engine has bound its socket; False if one died while starting."""
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+        versions = list(self.reloader.current.values())
         while time.monotonic() < deadline:
             if self.stopping:
                 return False
-            for name, proc in self.engines.items():
-                if not proc.is_alive():
-                    log.error("the engine of %s exited with code %s while starting", name,
-                              proc.exitcode)
+            for v in versions:
+                assert v.proc is not None
+                if not v.proc.is_alive():
+                    print(f"error: cannot start: {v.load_error()}", file=sys.stderr,
+                          flush=True)
                     return False
-            if all((self.run_dir / f"{n}.sock").exists() for n in self.engines):
+            if all(v.sock_path.exists() for v in versions):
                 return True
             time.sleep(0.05)
         log.error("engines did not start within %.0f s", ENGINE_START_TIMEOUT_S)
@@ -139,57 +146,87 @@ class Supervisor:
                   file=sys.stderr)
             self.stop_all()
             return 2
-        for folder in self.folders:
-            self.start_engine(folder)
+        try:
+            self.reloader.start(self.folders)
+        except ArtifactError as exc:
+            print(f"error: cannot start: {exc}", file=sys.stderr)
+            self.stop_all()
+            return 2
         if not self.wait_engines_up():
             interrupted = self.stopping  # a signal during start-up is not a failure
             self.stop_all()
             return 0 if interrupted else 2
+        self.reloader.publish()
         self.sock.listen(2048)
         self.sock.set_inheritable(True)
+        self.control = self.zmq.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_address(self.run_dir))
         n = self.settings.http_workers or default_workers()
         self.workers = [self.start_worker() for _ in range(n)]
         s = self.settings
+        if s.watch_models:
+            self.watcher = FolderWatcher(s.models_dir, self.reloader.wanted)
+            self.watcher.start()
+            self.reloader.wanted.set()  # what changed while the engines were starting
         print(f"serving {s.models_dir}/ at http://{s.host}:{s.port}/ (API docs at /docs; "
-              f"{n} HTTP worker(s), {len(self.engines)} engine process(es))", flush=True)
+              f"{n} HTTP worker(s), {len(self.reloader.current)} engine process(es); "
+              f"reloads models on {'a change in the folder, ' if s.watch_models else ''}"
+              f"SIGHUP and POST /admin/reload)", flush=True)
         code = 0
         while not self.stopping:
-            time.sleep(0.1)
+            time.sleep(TICK_S)
             code = self.check()
             if code:
                 break
+            self.reload_tick()
         self.stop_all()
         return code
+
+    def reload_tick(self) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                ident, payload = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if payload == RELOAD_REQUEST:
+                self.reloader.request(ident)
+        for ident, report in self.reloader.tick(time.monotonic()):
+            try:
+                self.control.send_multipart([ident, report.model_dump_json().encode()],
+                                            zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # the worker is gone
+                log.debug("could not answer a reload request: %s", exc)
 
     def check(self) -> int:
         """Restart what died; a non-zero code when an engine keeps dying."""
         from prometheus_client import multiprocess
 
         now = time.monotonic()
-        for folder in self.folders:
-            proc = self.engines[folder.name]
-            if self.stopping:
+        for version in self.reloader.current.values():
+            proc = version.proc
+            if proc is None or self.stopping:
                 continue
-            if proc.is_alive() and self.hung(folder.name):
+            if proc.is_alive() and self.hung(version):
                 log.error("the engine of %s stopped answering (pid %s); killing it",
-                          folder.name, proc.pid)
+                          version.label, proc.pid)
                 proc.kill()
                 proc.join(5)
             if proc.is_alive():
                 continue
-            if proc.pid is not None:
-                multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
-            times = self.restarts[folder.name]
+            self.engine_exited(proc)
+            times = self.restarts.setdefault(version.name, deque())
             while times and now - times[0] > RESTART_WINDOW_S:
                 times.popleft()
             if len(times) >= RESTARTS_ALLOWED:
                 log.error("the engine of %s died %d times in %.0f s; stopping the service",
-                          folder.name, len(times) + 1, RESTART_WINDOW_S)
+                          version.name, len(times) + 1, RESTART_WINDOW_S)
                 return 1
             times.append(now)
-            log.error("the engine of %s died (exit code %s); restarting it", folder.name,
+            log.error("the engine of %s died (exit code %s); restarting it", version.name,
                       proc.exitcode)
-            self.start_engine(folder)
+            self.reloader.restart(version)
         for i, proc in enumerate(self.workers):
             if not proc.is_alive() and not self.stopping:
                 if proc.pid is not None:
@@ -206,6 +243,21 @@ class Supervisor:
                 self.workers[i] = self.start_worker()
         return 0
 
+    @staticmethod
+    def hung(version: Version) -> bool:
+        """Alive but silent: no heartbeat for ENGINE_HUNG_AFTER_S, or still not up long after
+        it was started."""
+        try:
+            silent = time.time() - alive_file(version.address).stat().st_mtime
+        except FileNotFoundError:
+            return time.monotonic() - version.started_at > ENGINE_START_TIMEOUT_S
+        return silent > ENGINE_HUNG_AFTER_S
+
+    def on_reload_signal(self, sig: int, frame: FrameType | None) -> None:
+        log.info("SIGHUP: looking for new and changed model folders in %s",
+                 self.settings.models_dir)
+        self.reloader.wanted.set()
+
     def on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.signals += 1
         if self.signals == 1:
@@ -214,21 +266,26 @@ class Supervisor:
             self.stopping = True
         else:
             log.info("second signal: stopping now")
-            for proc in [*self.workers, *self.engines.values()]:
+            for proc in [*self.workers, *self.reloader.all_processes()]:
                 if proc.is_alive() and proc.pid is not None:
                     os.kill(proc.pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         """Workers first (they drain and answer 503 meanwhile), then the engines."""
         self.stopping = True
+        if self.watcher is not None:
+            self.watcher.stop()
         self._stop(self.workers, self.settings.drain_s + 15)
-        self._stop(list(self.engines.values()), 10)
+        self._stop(self.reloader.all_processes(), 10)
         if self.sock is not None:
             self.sock.close()
+        if self.control is not None:
+            self.control.close()
+        self.zmq.term()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     @staticmethod
-    def _stop(procs: list[Process], timeout_s: float) -> None:
+    def _stop(procs: Sequence[EngineProcess], timeout_s: float) -> None:
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -283,4 +340,5 @@ def main(argv: list[str] | None = None) -> int:
     sup = Supervisor(settings, folders)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
+    signal.signal(signal.SIGHUP, sup.on_reload_signal)
     return sup.run()

@@ -70,6 +70,8 @@ def main(settings: Settings, sock: socket.socket, engine_dir: Path) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     die_with_parent()
+    # A terminal's hangup reaches the whole process group; to the supervisor it means reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = settings.model_copy(update={"engine_dir": engine_dir})
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app, settings), app.state.service,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,21 @@ from training.environment import BACKENDS, quiet_tensorflow
 
 # Before anything imports TensorFlow: its CUDA start-up errors mean nothing without a GPU.
 quiet_tensorflow()
+
+
+def _models_dir_default() -> Path:
+    """Where the service looks: $CHARLSTM_MODELS_DIR, as `python -m app` reads it."""
+    return Path(os.environ.get("CHARLSTM_MODELS_DIR", "models"))
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serve", action="store_true",
+                   help="then have the service at --url serve the model: a running one loads "
+                   "it live (POST /admin/reload, $CHARLSTM_API_KEY if keys are set), and if "
+                   "none answers, one is started in the foreground on --models-dir")
+    p.add_argument("--url", default=None,
+                   help="service address for --serve; default: $CHARLSTM_URL, else "
+                   "http://$CHARLSTM_HOST:$CHARLSTM_PORT (http://127.0.0.1:8000)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -31,14 +48,23 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "training split is a target once per epoch; the best weights by validation loss are "
         "kept as RUN_DIR/best.weights.h5 and the last full checkpoint (for --resume) as "
         "RUN_DIR/last.keras, with a CSV log, a loss plot and samples per epoch. A run folder that "
-        "already holds a run is refused unless --resume (continue it) or --force (start over).",
+        "already holds a run is refused unless --resume (continue it) or --force (start over). "
+        "With --name the run is then exported into the models folder, and with --serve served: "
+        "`train my.txt --name mine --serve` goes from a text file to a model answering over HTTP.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("corpus", nargs="+",
                    help="UTF-8 text file(s), or one named corpus (shakespeare, nietzsche) that "
                    "is downloaded once into the cache ($CHARLSTM_CACHE or ~/.cache/charlstm)")
-    p.add_argument("-o", "--out", type=Path, required=True,
-                   help="run folder for checkpoints, log.csv, loss.png and samples.txt")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="run folder for checkpoints, log.csv, loss.png and samples.txt; "
+                   "required unless --name is given (then runs/NAME)")
+    p.add_argument("--name", default=None,
+                   help="then export the best weights as model NAME into --models-dir (as "
+                   "`export` does); an existing model of that name is replaced only with "
+                   "--force or --resume")
+    p.add_argument("--models-dir", type=Path, default=_models_dir_default(),
+                   help="models folder for --name ($CHARLSTM_MODELS_DIR, else models)")
     p.add_argument("--lowercase", action="store_true", help="lowercase the text first")
     p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell")
     p.add_argument("--layers", type=int, default=2, help="number of stacked recurrent layers")
@@ -83,6 +109,7 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no callback messages, only a line per epoch (when "
                    "output is not a terminal there is never a progress bar)")
+    _add_serve_options(p)
 
 
 def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,19 +120,22 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "greedy decoding of 200 characters identical), evaluate it on the validation split (the "
         "three measures of `evaluate`), add decode graphs (K = 1 and 8, checked like "
         "`decode-graph`) and write model.json, the loss plot and samples. Any failed check fails "
-        "the export. An existing model folder is replaced only with --force.",
+        "the export. The folder is built hidden and renamed into place, so a running service "
+        "never sees a part of it. An existing model folder is replaced only with --force.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("run_dir", type=Path, help="a run folder written by `train`")
     p.add_argument("--name", required=True, help="model name; the folder under --models-dir")
-    p.add_argument("--models-dir", type=Path, default=Path("models"), help="artifact root")
+    p.add_argument("--models-dir", type=Path, default=_models_dir_default(),
+                   help="artifact root ($CHARLSTM_MODELS_DIR, else models)")
     p.add_argument("--checkpoint", default="best.weights.h5", help="weights file in RUN_DIR")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs difference allowed between ONNX and Keras outputs")
     p.add_argument("--force", action="store_true",
-                   help="replace MODELS_DIR/NAME if it exists (a running server keeps the old "
-                   "model until restarted)")
+                   help="replace MODELS_DIR/NAME if it exists (a running `python -m app` "
+                   "loads the new one live and finishes running generations on the old)")
+    _add_serve_options(p)
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -204,38 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from app.artifact import ArtifactError
     from training.corpus import CorpusError
+    from training.serve import ServeError
 
     try:
         if args.command == "train":
-            from training.environment import choose_backend
-
-            choose_backend(args.backend)  # before train imports Keras
-            from training.train import TrainOptions, train
-
-            # A progress bar only on a terminal: in a file it is control codes and backspaces.
-            verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-            result = train(TrainOptions(
-                corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase, cell=args.cell,
-                layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
-                dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size,
-                epochs=args.epochs, learning_rate=args.lr, clipnorm=args.clipnorm,
-                val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
-                resume=args.resume, distribute=args.distribute, cpu_devices=args.cpu_devices,
-                sample_length=args.sample_length, steps_per_epoch=args.steps_per_epoch,
-                stateful=args.stateful, force=args.force, verbose=verbose,
-                command=["python", "-m", "training", *(argv if argv is not None else sys.argv[1:])],
-            ))
-            if result.best_epoch is None or result.best_val_loss is None:
-                print(f"no epoch trained (already at --epochs {args.epochs}?); best weights, if "
-                      f"any: {result.checkpoint}")
-            else:
-                loss = result.best_val_loss
-                print(f"best: epoch {result.best_epoch}, validation loss {loss:.4f} nats/char "
-                      f"({loss / math.log(2):.4f} bits/char), weights {result.checkpoint}\n"
-                      f"export it: python -m training export {args.out} --name NAME")
+            _check_train_args(parser, args)
+            if not _train(args, argv) or args.name is None:
+                return 0
+            print(f"exporting {args.out} as {args.models_dir / args.name}", flush=True)
+            code = _export_in_a_new_process(args.out, args.name, args.models_dir,
+                                            replace=args.force or args.resume)
+            if code or not args.serve:
+                return code
+            _serve(args.models_dir / args.name, args.url)
         elif args.command == "export":
             target = args.models_dir / args.name
             if target.exists() and not args.force:
@@ -245,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
             out = export(args.run_dir, args.name, args.models_dir, checkpoint=args.checkpoint,
                          opset=args.opset, tolerance=args.tolerance)
-            print(f"exported {out}")
+            print(f"exported {out}", flush=True)
+            if args.serve:
+                _serve(out, args.url)
         elif args.command == "evaluate":
             from training.evaluate import evaluate_cli
 
@@ -266,10 +283,78 @@ def main(argv: list[str] | None = None) -> int:
 
             add_decode_graphs(args.model_dir, tuple(args.steps), args.variant,
                               details=not args.no_details)
-    except (CorpusError, ArtifactError, ValueError, FileExistsError) as exc:
+    except (CorpusError, ArtifactError, ValueError, FileExistsError, ServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse now what would fail only after training: no run folder, a model that would be
+    replaced without being told to."""
+    if args.serve and args.name is None:
+        parser.error("--serve needs --name (the model to export and serve)")
+    if args.out is None:
+        if args.name is None:
+            parser.error("-o/--out is required (or --name NAME, which trains into runs/NAME)")
+        args.out = Path("runs") / args.name
+    if args.name is not None:
+        from app.artifact import check_model_name
+
+        check_model_name(args.name)
+        target = args.models_dir / args.name
+        if target.exists() and not (args.force or args.resume):
+            raise FileExistsError(f"{target} already exists: pass --force to train anew and "
+                                  "replace it, --resume to continue its run, or choose another "
+                                  "--name")
+
+
+def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
+    """Train; True if the run has weights to export."""
+    from training.environment import choose_backend
+
+    choose_backend(args.backend)  # before train imports Keras
+    from training.train import TrainOptions, train
+
+    # A progress bar only on a terminal: in a file it is control codes and backspaces.
+    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+    result = train(TrainOptions(
+        corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase, cell=args.cell,
+        layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
+        dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size,
+        epochs=args.epochs, learning_rate=args.lr, clipnorm=args.clipnorm,
+        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
+        resume=args.resume, distribute=args.distribute, cpu_devices=args.cpu_devices,
+        sample_length=args.sample_length, steps_per_epoch=args.steps_per_epoch,
+        stateful=args.stateful, force=args.force, verbose=verbose,
+        command=["python", "-m", "training", *(argv if argv is not None else sys.argv[1:])],
+    ))
+    if result.best_epoch is None or result.best_val_loss is None:
+        print(f"no epoch trained (already at --epochs {args.epochs}?); best weights, if "
+              f"any: {result.checkpoint}", flush=True)
+        return result.checkpoint.is_file()
+    loss = result.best_val_loss
+    print(f"best: epoch {result.best_epoch}, validation loss {loss:.4f} nats/char "
+          f"({loss / math.log(2):.4f} bits/char), weights {result.checkpoint}", flush=True)
+    if args.name is None:
+        print(f"export it: python -m training export {args.out} --name NAME")
+    return True
+
+
+def _export_in_a_new_process(run_dir: Path, name: str, models_dir: Path, replace: bool) -> int:
+    """`export` as a process of its own, as after a separate `train`: the conversion needs
+    TensorFlow's Keras with the GPU hidden, which the training process (on a GPU, or with the
+    JAX backend) can no longer give it."""
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    cmd = [sys.executable, "-m", "training", "export", str(run_dir), "--name", name,
+           "--models-dir", str(models_dir), *(["--force"] if replace else [])]
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def _serve(model_dir: Path, url: str | None) -> None:
+    from training.serve import default_url, serve
+
+    serve(model_dir, (url or default_url()).rstrip("/"))
 
 
 if __name__ == "__main__":

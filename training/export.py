@@ -5,7 +5,9 @@ The export checks its own output before it is published: onnxruntime and Keras m
 logits and states (random ids and states) and on a 200-character greedy decode, and each decode
 graph must sample what the host sampler samples (training/decode_artifact.py). The validation
 loss is measured there too, the three ways of training/evaluate.py. The artifact is built in a
-temporary folder and moved into place only when every check passes and model.json is complete.
+hidden temporary folder in the models folder and moved into place by renames only when every
+check passes and model.json is complete (app.artifact.publish_folder), so a running service
+that reloads models (app/reload.py) never sees a half-written folder.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from app.artifact import (
     ModelMetadata,
     OnnxSpec,
     StateSpec,
+    check_model_name,
+    publish_folder,
     write_metadata,
 )
 from app.runtime import OnnxModel, RuntimeOptions, load_model
@@ -145,8 +149,7 @@ def _load_corpus(saved: dict[str, Any]) -> corpus_mod.Corpus:
 
 def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.weights.h5",
            opset: int = 17, tolerance: float = 1e-4) -> Path:
-    if not name or Path(name).name != name or name.startswith("."):
-        raise ExportError(f"model name must be a plain folder name, got {name!r}")
+    check_model_name(name)
     _tensorflow_on_cpu()
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
@@ -211,10 +214,10 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
         for extra in (PLOT_FILE, LOG_FILE):
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, work / extra)
+        # Everything, the three validation measures included, is in place before the folder
+        # is published: a running service loads it once, whole.
         target = models_dir / name
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
+        publish_folder(work, target)
     finally:
         if work.exists():
             shutil.rmtree(work)

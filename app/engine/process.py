@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.1
 # A worker silent this long has died: its requests are cancelled and their rows freed.
 CLIENT_TTL_S = 5.0
+# A retiring engine (hot reload) exits once its workers have been silent this long: each one
+# closes its socket when its last request here has finished.
+RETIRE_QUIET_S = 1.0
 
 
 class _Remote(Sequence):
@@ -85,6 +88,8 @@ class EngineLoop:
         self.last_status = 0.0
         self.stopping = False
         self.alive_file: Path | None = None
+        self.retiring_since: float | None = None  # see retire()
+        self.retire_grace_s = 0.0
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -114,6 +119,8 @@ class EngineLoop:
                 self._flush(now)
             if now - self.last_status >= HEARTBEAT_S:
                 self._heartbeat(now)
+            if self.retiring_since is not None and self._retired(now):
+                break
         core.abort_all("cancelled", None)
         self._collect()
         self._flush(time.perf_counter())
@@ -241,6 +248,28 @@ class EngineLoop:
             else:
                 self._send(ident, status)
 
+    # --- retirement (hot reload) -----------------------------------------------------------
+    def retire(self, grace_s: float) -> None:
+        """A newer version of the model serves new requests: finish what runs here (still
+        admitting what a worker sends before it switches), exit when every worker has let go,
+        and at the latest after grace_s (CHARLSTM_DRAIN_S), ending the rest with an error."""
+        if self.retiring_since is None:
+            self.retiring_since = time.perf_counter()
+            self.retire_grace_s = grace_s
+
+    def _retired(self, now: float) -> bool:
+        assert self.retiring_since is not None
+        if now - self.retiring_since >= self.retire_grace_s:
+            if self.seqs:
+                log.warning("retiring: ending %d generation(s) still running after %g s",
+                            len(self.seqs), self.retire_grace_s)
+                self.core.abort_all("error", (
+                    f"a new version of the model was loaded and this generation did not "
+                    f"finish within the drain time ({self.retire_grace_s:g} s)"))
+            return True
+        quiet = all(now - seen > RETIRE_QUIET_S for seen in self.clients.values())
+        return quiet and not self.seqs and not self.core.has_work
+
     def _forget(self, ident: bytes) -> None:
         """A worker that stopped talking: free the rows of its requests."""
         del self.clients[ident]
@@ -252,11 +281,14 @@ class EngineLoop:
             self.cancel_seen = True
 
 
-def main(model_dir: Path, address: str, settings: Settings) -> None:
-    """Entry point of the engine process for one model (started by app.supervisor)."""
+def main(model_dir: Path, address: str, settings: Settings,
+         reason_file: Path | None = None) -> None:
+    """Entry point of the engine process for one model (started by app.supervisor).
+    reason_file: where to write why the model cannot be loaded (else stderr)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loop_ref: list[EngineLoop] = []
+    retire_asked: list[bool] = []
 
     def stop(sig: int, frame: FrameType | None) -> None:
         if not loop_ref:  # still loading the model: nothing to finish
@@ -264,17 +296,29 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
         for loop in loop_ref:
             loop.stopping = True
 
+    def retire(sig: int, frame: FrameType | None) -> None:
+        retire_asked.append(True)
+        for loop in loop_ref:
+            loop.retire(settings.drain_s)
+
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, retire)
     die_with_parent()
-    # Ctrl-C reaches the whole process group: the supervisor decides when engines stop.
+    # Ctrl-C and a terminal's hangup reach the whole process group: the supervisor decides
+    # when engines stop, and what a SIGHUP means (a reload).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         model = load_model(model_dir, RuntimeOptions(
             device=settings.device, intra_op_threads=settings.intra_op_threads),
             serving_variant(read_metadata(model_dir), settings.device, settings.variant))
     except ArtifactError as exc:
-        # The supervisor sees the exit code and stops start-up; this line is the reason.
-        print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
+        # The supervisor sees the exit code and stops start-up (or refuses a reload); this
+        # is the reason.
+        if reason_file is not None:
+            reason_file.write_text(str(exc), encoding="utf-8")
+        else:
+            print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     observer = Metrics().observer(model.name)
     core = EngineCore(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
@@ -293,6 +337,8 @@ def main(model_dir: Path, address: str, settings: Settings) -> None:
     loop = EngineLoop(core, sock, model.provider, model.graph_file)
     loop.alive_file = alive_file(address)
     loop_ref.append(loop)
+    if retire_asked:
+        loop.retire(settings.drain_s)
     log.info("engine for %s ready on %s (pid %d, %s)", model.name, address, os.getpid(),
              model.graph_file)
     try:
