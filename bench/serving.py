@@ -58,11 +58,11 @@ from bench.decode import free_port, parse_metrics, raise_open_files_limit, raw_r
 BEFORE_REF = "7686f26"  # the last one-process server (event loop + engine thread, one GIL)
 DEFAULTS: dict[str, Any] = {
     "levels": "1,64,256,1024", "real_levels": "1,64,256", "free_chars": 1000,
-    "real_chars": 300, "target_s": 10.0, "raw_s": 2.0, "profile_s": 6.0,
+    "real_chars": 300, "target_s": 10.0, "raw_s": 1.0, "profile_s": 6.0,
 }
 QUICK: dict[str, Any] = {
     "levels": "1,4", "real_levels": "1,4", "free_chars": 40, "real_chars": 20,
-    "target_s": 0.3, "raw_s": 0.1, "profile_s": 1.0,
+    "target_s": 0.3, "raw_s": 0.05, "profile_s": 1.0,
 }
 SEED_TEXT = "A"
 TEMPERATURE = 1.0
@@ -93,7 +93,7 @@ class Config:
     free_chars: int
     real_chars: int
     target_s: float  # seconds of h2load per level and server (about)
-    raw_s: float  # raw loop: repeat rounds until this many seconds, before and after a level
+    raw_s: float  # each raw slice: repeat rounds until this many seconds (one at least)
     profile_s: float
     real_model: Path
     free_model: Path | None  # an exported free model to reuse instead of building one
@@ -150,6 +150,7 @@ class RawResult:
     chars_per_s: float
     step_ms: float  # onnxruntime per step of the whole batch
     sample_ms: float  # rng.uniforms + sample_next per step of the whole batch
+    cpu_us_per_char: float  # this process's CPU time per generated character
 
 
 def measure_raw(model: OnnxModel, batch: int, chars: int, min_s: float) -> RawResult:
@@ -160,16 +161,25 @@ def measure_raw(model: OnnxModel, batch: int, chars: int, min_s: float) -> RawRe
     raw_round(model, seed_ids, min(8, chars))  # warm-up: allocations at this batch size
     totals = np.zeros(4)
     rounds = 0
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     while rounds == 0 or time.perf_counter() - t0 < min_s:
         totals += raw_round(model, seed_ids, chars)
         rounds += 1
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     _, step_s, sample_s, steps = (float(x) for x in totals)
+    generated = rounds * batch * chars
     return RawResult(graph=model.graph_file, batch=batch, chars=chars, rounds=rounds,
-                     wall_s=round(wall, 4), chars_per_s=round(rounds * batch * chars / wall, 1),
+                     wall_s=round(wall, 4), chars_per_s=round(generated / wall, 1),
                      step_ms=round(step_s / max(steps, 1) * 1e3, 4),
-                     sample_ms=round(sample_s / (rounds * chars) * 1e3, 4))
+                     sample_ms=round(sample_s / (rounds * chars) * 1e3, 4),
+                     cpu_us_per_char=round(cpu / generated * 1e6, 3))
+
+
+def raw_slice(cfg: Config, models: dict[str | None, OnnxModel], batch: int, chars: int
+              ) -> dict[str | None, RawResult]:
+    return {v: measure_raw(m, batch, chars, cfg.raw_s) for v, m in models.items()}
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -449,8 +459,10 @@ class LevelResult:
     loadgen_core_share: float  # h2load CPU / wall: the share of one core it used
     machine_busy_cores: float  # every process on the machine, from /proc/stat
     other_cores: float  # machine busy - server - h2load - this process: neighbours
-    raw_chars_per_s: float | None = None
-    ratio: float | None = None
+    raw_chars_per_s: float | None = None  # the raw slices right before and after its runs
+    ratio: float | None = None  # chars_per_s / raw_chars_per_s
+    raw_cpu_us_per_char: float | None = None  # the same slices' CPU per character
+    cpu_ratio: float | None = None  # raw CPU per char / server CPU per char (1 = as lean)
 
 
 def requests_for(cfg: Config, server: Server, body: Path, n: int, seconds: float) -> int:
@@ -651,8 +663,8 @@ def body_file(path: Path, chars: int) -> Path:
 
 def measure_model(cfg: Config, name: str, model_dir: Path, levels: list[int], chars: int,
                   specs: list[ServerSpec], workdir: Path) -> dict[str, Any]:
-    """Per level: the raw loop of every graph served, each server in turn, the raw loop
-    again (the two raw figures bracket the servers; their mean is the ceiling)."""
+    """Per level: each server in turn (two passes, the second in reverse order), with a
+    slice of the raw loop of every graph served before, between and after them."""
     opts = RuntimeOptions(device="cpu", intra_op_threads=1)
     variants = sorted({s.variant for s in specs}, key=lambda v: v or "")
     models = {v: load_model(model_dir, opts, v) for v in variants}
@@ -669,8 +681,12 @@ def measure_model(cfg: Config, name: str, model_dir: Path, levels: list[int], ch
                 log(f"warning: {s.spec.label} serves {s.graph}, its raw baseline runs "
                     f"{graph_of[s.spec.variant]}")
         for n in levels:
-            first = {v: measure_raw(m, n, chars, cfg.raw_s) for v, m in models.items()}
+            # Raw slices between every two h2load runs: each server's ceiling is the mean of
+            # the slices right before and after its own runs, so a neighbour's burst that
+            # slows one run slows its baseline too.
+            slices = [raw_slice(cfg, models, n, chars)]
             samples: dict[str, list[Sample]] = {s.spec.key: [] for s in running}
+            around: dict[str, list[RawResult]] = {s.spec.key: [] for s in running}
             # Two passes, servers in turn and then in reverse, so drifting load on a shared
             # machine falls on each about equally; one when a single wave already takes long.
             for p in range(PASSES):
@@ -681,29 +697,36 @@ def measure_model(cfg: Config, name: str, model_dir: Path, levels: list[int], ch
                     samples[s.spec.key].append(sample_level(cfg, s, n, body, pilot,
                                                             cfg.target_s / PASSES))
                     longest = max(longest, time.perf_counter() - t0)
+                    slices.append(raw_slice(cfg, models, n, chars))
+                    v = s.spec.variant
+                    around[s.spec.key] += [slices[-2][v], slices[-1][v]]
                 if longest > 0.75 * cfg.target_s:
                     break
+            for v in models:
+                mine = [sl[v] for sl in slices]
+                rates = [x.chars_per_s for x in mine]
+                raw.append({"graph": graph_of[v], "batch": n, "chars": chars,
+                            "chars_per_s": round(float(np.mean(rates)), 1),
+                            "min_chars_per_s": min(rates), "max_chars_per_s": max(rates),
+                            "cpu_us_per_char": round(float(np.mean(
+                                [x.cpu_us_per_char for x in mine])), 3),
+                            "slices": [asdict(x) for x in mine]})
+                log(f"{name} {n:5d} raw {graph_of[v]:17s} {raw[-1]['chars_per_s']:12,.0f} "
+                    f"chars/s (slices {min(rates):,.0f} to {max(rates):,.0f})")
             level_rows = []
             for s in running:
                 r = level_result(name, s, n, chars, samples[s.spec.key])
+                base = around[s.spec.key]
+                r.raw_chars_per_s = round(float(np.mean([x.chars_per_s for x in base])), 1)
+                r.ratio = round(r.chars_per_s / r.raw_chars_per_s, 3)
+                r.raw_cpu_us_per_char = round(float(np.mean([x.cpu_us_per_char
+                                                             for x in base])), 3)
+                if r.cpu_us_per_char:
+                    r.cpu_ratio = round(r.raw_cpu_us_per_char / r.cpu_us_per_char, 3)
                 level_rows.append(r)
                 log(f"{name} {n:5d} streams  {s.spec.label:45s} {r.chars_per_s:12,.0f} "
-                    f"chars/s  {r.cpu_us_per_char or 0:8.1f} CPU-us/char  batch "
-                    f"{r.mean_batch}  failed {r.failed}  passes {r.passes}")
-            second = {v: measure_raw(m, n, chars, cfg.raw_s) for v, m in models.items()}
-            for v in models:
-                a, b = first[v], second[v]
-                mean = round((a.chars_per_s + b.chars_per_s) / 2, 1)
-                raw.append({"graph": graph_of[v], "batch": n, "chars": chars,
-                            "chars_per_s": mean, "before_level": asdict(a),
-                            "after_level": asdict(b)})
-                log(f"{name} {n:5d} raw {graph_of[v]:17s} {mean:12,.0f} chars/s "
-                    f"({a.chars_per_s:,.0f} before the servers, {b.chars_per_s:,.0f} after)")
-            ceiling = {graph_of[v]: next(x["chars_per_s"] for x in reversed(raw)
-                                         if x["graph"] == graph_of[v]) for v in models}
-            for s, r in zip(running, level_rows, strict=True):
-                r.raw_chars_per_s = ceiling[graph_of[s.spec.variant]]
-                r.ratio = round(r.chars_per_s / r.raw_chars_per_s, 3)
+                    f"chars/s = {r.ratio:.2f} x raw  {r.cpu_us_per_char or 0:8.1f} "
+                    f"CPU-us/char  batch {r.mean_batch}  failed {r.failed}  passes {r.passes}")
             rows.extend(level_rows)
         verdicts = [t for t in judge(name, rows) if t["status"] == "MISS"
                     and t["server"] == "after"]
@@ -766,7 +789,9 @@ def section_md(title: str, sec: dict[str, Any]) -> list[str]:
              f"{sec['chars_per_request']:,} characters streamed (SSE), temperature "
              f"{TEMPERATURE}.", "",
              "Delivered chars/s (successful requests x characters / h2load's wall time); "
-             "raw = the same graph's loop at batch = streams, in this process:", ""]
+             "raw = the same graph's loop at batch = streams, in this process, mean of the "
+             "level's raw slices; each ratio divides by the slices right around that "
+             "server's own runs:", ""]
     head = ["streams", *[f"raw {g}" for g in graphs], *[labels[k] for k in keys],
             *[f"{k} / raw" for k in keys]]
     if "before" in keys and "after" in keys:
@@ -782,11 +807,13 @@ def section_md(title: str, sec: dict[str, Any]) -> list[str]:
         table.append(row)
     lines += [md_table(head, table), ""]
     lines += ["Per level and server:", "",
-              md_table(["streams", "server", "graph", "chars/s", "/ raw", "server CPU-us/char",
+              md_table(["streams", "server", "graph", "chars/s", "raw chars/s (around)",
+                        "/ raw", "server CPU-us/char", "raw CPU-us/char", "CPU raw / server",
                         "server cores", "TTFB mean / max ms", "server TTFT ms", "mean batch",
                         "h2load CPU (of 1 core)", "other load (cores)", "requests", "failed"],
-                       [[r["level"], r["server"], r["graph"], r["chars_per_s"], r["ratio"],
-                         r["cpu_us_per_char"], r["server_cores"],
+                       [[r["level"], r["server"], r["graph"], r["chars_per_s"],
+                         r["raw_chars_per_s"], r["ratio"], r["cpu_us_per_char"],
+                         r["raw_cpu_us_per_char"], r["cpu_ratio"], r["server_cores"],
                          f"{cell(r['ttfb_ms'].get('mean'))} / {cell(r['ttfb_ms'].get('max'))}",
                          r["server_ttft_ms"], r["mean_batch"], pct(r["loadgen_core_share"]),
                          r["other_cores"], r["requests"], r["failed"]]
@@ -846,7 +873,11 @@ def markdown(report: dict[str, Any]) -> str:
         "sample per connection, its first request); *server TTFT* = the engine's submission "
         "to first character, mean over the level's requests (/metrics); *mean batch* = rows "
         "per decode step (/metrics); *h2load CPU* = its own CPU time / wall; *other load* = "
-        "busy cores on the machine not used by the server, h2load or this process.", ""]
+        "busy cores on the machine not used by the server, h2load or this process; *raw "
+        "chars/s (around)* and *raw CPU-us/char*: the raw slices right before and after that "
+        "server's runs; *CPU raw / server* = raw CPU per character / server CPU per "
+        "character (1 = the server spends no more CPU per character than the bare loop; "
+        "less sensitive to neighbours than throughput).", ""]
     return "\n".join(lines)
 
 
@@ -943,8 +974,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"(default {DEFAULTS['real_chars']})")
     p.add_argument("--target-s", type=float, help="about this many seconds of h2load per "
                    f"level and server (default {DEFAULTS['target_s']})")
-    p.add_argument("--raw-s", type=float, help="raw loop seconds before and after each level "
-                   f"(default {DEFAULTS['raw_s']})")
+    p.add_argument("--raw-s", type=float, help="seconds of each raw-loop slice (one before "
+                   f"the servers of a level and one after each h2load run; default "
+                   f"{DEFAULTS['raw_s']})")
     p.add_argument("--profile-s", type=float, help="py-spy seconds per missed target "
                    f"(default {DEFAULTS['profile_s']})")
     p.add_argument("--no-profile", action="store_true", help="no py-spy profiles")
