@@ -201,6 +201,7 @@ class Server:
     port: int
     roles: dict[int, str] = field(default_factory=dict)  # pid -> role, once ready
     graph: str = "model.onnx"
+    log_offset: int = 0
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -242,10 +243,21 @@ class Server:
                 continue
         self.roles = roles
 
-    def metrics(self) -> dict[str, float]:
+    def metrics_text(self) -> str:
         r = httpx.get(f"{self.url}/metrics", timeout=30, trust_env=False)
         r.raise_for_status()
-        return parse_metrics(r.text)
+        return r.text
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(self.metrics_text())
+
+    def new_errors(self) -> list[str]:
+        """ERROR lines the server logged since the last call."""
+        with self.log_path.open("rb") as f:
+            f.seek(self.log_offset)
+            text = f.read().decode(errors="replace")
+            self.log_offset = f.tell()
+        return [line.strip() for line in text.splitlines() if " ERROR " in line]
 
 
 def start_server(spec: ServerSpec, models_dir: Path, default_model: str, workdir: Path
@@ -389,6 +401,16 @@ def parse_h2load(text: str) -> dict[str, Any]:
     }
 
 
+def length_finishes(text: str) -> float:
+    """Requests the server finished with finish_reason "length" (complete), from /metrics."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("charlstm_requests_total{") and 'outcome="length"' in line:
+            with contextlib.suppress(ValueError):
+                total += float(line.rpartition(" ")[2])
+    return total
+
+
 def h2load_args(cfg: Config, url: str, body: Path, clients: int, requests: int) -> list[str]:
     return [cfg.h2load, "--h1", "-t", "1", "-c", str(clients), "-n", str(requests), "-d",
             str(body), "-H", "content-type: application/json", f"{url}/generate"]
@@ -430,6 +452,8 @@ class Sample:
     steps: float
     ttfb_mean_ms: float
     ttfb_max_ms: float
+    complete: float  # requests the server finished with "length" during the run
+    errors: list[str]  # ERROR lines in the server's log during the run
 
 
 @dataclass
@@ -442,8 +466,10 @@ class LevelResult:
     chars: int  # per request
     passes: int  # h2load runs summed (servers interleaved ABC, CBA)
     requests: int
-    succeeded: int
-    failed: int  # h2load's failed + errored + timeout, and non-2xx
+    succeeded: int  # complete streams: 2xx for h2load, finished "length" for the server
+    failed: int  # requests - succeeded (h2load's failed, errored, timeout, non-2xx, and 2xx
+    # streams the server ended early, e.g. with an error event)
+    server_errors: list[str]  # ERROR lines of the server's log during the runs (first 5)
     wall_s: float  # h2load's "finished in", summed over passes
     chars_per_s: float  # succeeded x chars / wall
     server_chars: int  # generated characters the server counted (/metrics) in the level
@@ -480,7 +506,9 @@ def requests_for(cfg: Config, server: Server, body: Path, n: int, seconds: float
 def sample_level(cfg: Config, server: Server, n: int, body: Path, pilot_body: Path,
                  seconds: float) -> Sample:
     requests = requests_for(cfg, server, pilot_body, n, seconds)
-    m0 = server.metrics()
+    server.new_errors()  # the pilot's, if any, are not this run's
+    t0 = server.metrics_text()
+    m0 = parse_metrics(t0)
     cpu0 = server.cpu_by_pid()
     mach0 = psutil.cpu_times()
     own0 = time.process_time()
@@ -488,7 +516,8 @@ def sample_level(cfg: Config, server: Server, n: int, body: Path, pilot_body: Pa
     own = time.process_time() - own0
     mach1 = psutil.cpu_times()
     cpu1 = server.cpu_by_pid()
-    m1 = server.metrics()
+    t1 = server.metrics_text()
+    m1 = parse_metrics(t1)
 
     def delta(key: str) -> float:
         return m1.get(key, 0.0) - m0.get(key, 0.0)
@@ -508,6 +537,7 @@ def sample_level(cfg: Config, server: Server, n: int, body: Path, pilot_body: Pa
         batch_sum=delta("charlstm_batch_size_sum"), steps=delta("charlstm_batch_size_count"),
         ttfb_mean_ms=h2.ttfb_ms.get("mean", float("nan")),
         ttfb_max_ms=h2.ttfb_ms.get("max", float("nan")),
+        complete=length_finishes(t1) - length_finishes(t0), errors=server.new_errors(),
     )
 
 
@@ -517,7 +547,10 @@ def level_result(model: str, server: Server, n: int, chars: int, samples: list[S
         return float(sum(getattr(s, name) for s in samples))
 
     wall, h2_wall = total("wall_s"), total("h2load_wall_s")
-    ok = int(total("ok"))
+    # A 200 whose stream ended early (an error event) is a success to h2load, not to the
+    # server's own count of requests finished at full length.
+    ok = int(min(total("ok"), total("complete")))
+    errors = [e for smp in samples for e in smp.errors]
     delivered = ok * chars
     by_role: dict[str, float] = {}
     for s in samples:
@@ -529,7 +562,9 @@ def level_result(model: str, server: Server, n: int, chars: int, samples: list[S
     return LevelResult(
         model=model, server=server.spec.key, label=server.spec.label, graph=server.graph,
         level=n, chars=chars, passes=len(samples), requests=int(total("requests")),
-        succeeded=ok, failed=int(total("requests")) - ok, wall_s=round(wall, 4),
+        succeeded=ok, failed=int(total("requests")) - ok,
+        server_errors=errors[:5] + ([f"... {len(errors) - 5} more"] if len(errors) > 5 else []),
+        wall_s=round(wall, 4),
         chars_per_s=round(delivered / wall, 1), server_chars=int(total("server_chars")),
         server_cpu_s=round(server_cpu, 3), server_cores=round(server_cpu / wall, 3),
         cpu_us_per_char=round(server_cpu / delivered * 1e6, 3) if delivered else None,
@@ -728,7 +763,7 @@ def measure_model(cfg: Config, name: str, model_dir: Path, levels: list[int], ch
                     f"chars/s = {r.ratio:.2f} x raw  {r.cpu_us_per_char or 0:8.1f} "
                     f"CPU-us/char  batch {r.mean_batch}  failed {r.failed}  passes {r.passes}")
             rows.extend(level_rows)
-        verdicts = [t for t in judge(name, rows) if t["status"] == "MISS"
+        verdicts = [t for t in judge(name, rows) if t["status"].startswith("MISS")
                     and t["server"] == "after"]
         profiles = []
         tool = py_spy()
@@ -762,6 +797,8 @@ def judge(name: str, rows: list[LevelResult]) -> list[dict[str, Any]]:
             hit = [r for r in rows if r.server == key and r.level == level]
             value = hit[0].ratio if hit else None
             status = ("NOT MEASURED" if value is None else "MET" if value >= goal else "MISS")
+            if hit and hit[0].failed:
+                status += f" ({hit[0].failed} streams failed)"
             what = "single stream" if level == 1 else f"{level} streams"
             out.append({"model": model, "server": key, "level": level, "goal": goal,
                         "value": value, "status": status,
@@ -818,6 +855,18 @@ def section_md(title: str, sec: dict[str, Any]) -> list[str]:
                          r["server_ttft_ms"], r["mean_batch"], pct(r["loadgen_core_share"]),
                          r["other_cores"], r["requests"], r["failed"]]
                         for n in levels for k in keys for r in [by[(k, n)]]]), ""]
+    broken = [r for r in rows if r["failed"] or r["server_errors"]]
+    if broken:
+        lines += ["**Failed streams** (h2load counts a 200 whose stream ended with an error "
+                  "event as a success; these rows count only the streams the server finished "
+                  "at full length):", ""]
+        for r in broken:
+            lines.append(f"- {r['server']} at {r['level']} streams: {r['failed']:,} of "
+                         f"{r['requests']:,} requests failed"
+                         + (f"; server log: `{r['server_errors'][0][:220]}`"
+                            f" ({len(r['server_errors'])} line(s) kept)"
+                            if r["server_errors"] else ""))
+        lines.append("")
     roles = sorted({role for r in rows for role in r["cpu_us_per_char_by_role"]}
                    - {"tracker", "supervisor"})
     lines += ["Server CPU-us per delivered character, by process:", "",

@@ -124,8 +124,10 @@ def test_quick_serving_bench_end_to_end(free_model: Path, tmp_path: Path) -> Non
             assert r["server_chars"] == r["succeeded"] * r["chars"], r
             assert r["chars_per_s"] > 0
             assert r["ratio"] > 0
-            assert r["cpu_us_per_char"] > 0
+            assert r["cpu_us_per_char"] is not None  # CPU ticks are 10 ms: may round to 0
             assert r["loadgen_core_share"] > 0
     assert {t["status"] for t in report["targets"]} <= {"MET", "MISS", "NOT MEASURED"}
+    for sec in (report["free"], report["real"]):
+        assert all(not r["server_errors"] for r in sec["levels"]), sec["levels"]
     assert "## Targets" in md_path.read_text()
     assert res.stdout.strip() == md_path.read_text().strip()
