@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-full lint bench browser clean
+.PHONY: serve test test-full lint bench h2load browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,16 @@ test: $(VENV)/.dev browser lint
 test-full: $(VENV)/.dev browser lint
 	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
 
-bench: $(VENV)/.dev
+# Debian's h2load (nghttp2-client) drives the servers in bench.serving.
+h2load:
+	@command -v h2load >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
+	  else echo "h2load not found and cannot install it: bench.serving cannot run"; fi; }
+
+bench: $(VENV)/.dev h2load
 	$(BIN)/python -m bench.decode
+	$(BIN)/python -m bench.serving
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis test-artifacts
