@@ -237,6 +237,10 @@ def test_predicted_wait_counts_the_work_ahead_and_refuses_past_the_bound() -> No
     assert refusal is not None
     assert "wait about 1.1 s" in refusal
     assert retry == 1  # ceil(1.102 - 0.5)
+    # Soft: a predicted wait a little past the bound is admitted (the estimate may be off).
+    core.max_wait_s = 1.0
+    assert core.admission(params([0], max_new=10))[1] is None
+    core.max_wait_s = 0.5
     # A request whose own deadline cannot be met after the wait is refused at once.
     core.max_wait_s = 10
     _, refusal, _ = core.admission(params([0], max_new=10, time_limit_s=1.0))
@@ -301,3 +305,29 @@ def test_drain_past_its_grace_ends_every_request_with_an_error() -> None:
     assert not clean
     assert [r.finish_reason for r in reqs] == ["error"] * 3
     assert all("drain time" in (r.error or "") for r in reqs)
+
+
+def test_refusals_are_judged_in_line_one_row_each() -> None:
+    """Two requests refused back to back would have stood one behind the other: the first
+    is judged at the first admission after those waiting, the second at the next one."""
+    core = EngineCore(FakeModel(), max_batch=1, max_queue=100, max_wait_s=0.05)
+    core.step_fixed_s, core.step_row_s = 0.001, 0.0
+    core.submit(Sequence(params([0], max_new=3)))
+    core.iterate()  # holds the only row for 2 more iterations
+    core.submit(Sequence(params([0], max_new=200)))  # waits ~2 ms: admitted
+    for _ in range(2):
+        _, refusal, _ = core.admission(params([0], max_new=10))  # behind 200: ~0.2 s
+        assert refusal is not None
+    while core.waiting:
+        core.iterate()
+    # The queued request took the row: nobody's row came yet.
+    assert core.false_refusals + core.justified_refusals == 0
+    core.submit(Sequence(params([0], max_new=1)))
+    while core.has_work:
+        core.iterate()
+    # Its admission was the first refused one's row (that came at once here: false).
+    assert (core.false_refusals, core.justified_refusals) == (1, 0)
+    core.iterate()  # an empty queue and a free row: the second one's, now
+    assert (core.false_refusals, core.justified_refusals) == (2, 0)
+    core.iterate()  # that row is taken (virtually) for its run: nothing more to judge
+    assert (core.false_refusals, core.justified_refusals) == (2, 0)

@@ -2,9 +2,11 @@
 
 One DEALER socket per model per worker. A task reads the engine's messages and hands each
 request its new ids; another sends a heartbeat and judges the engine alive by its `Status`
-heartbeats. An engine silent for DEAD_AFTER_S is dead: every request in flight ends with an
-error at once, new ones get 503, and /ready turns false until its heartbeat comes back (the
-supervisor restarts it).
+heartbeats. An engine whose process is gone (GONE_AFTER_S of silence) or that stays silent
+for HUNG_AFTER_S with nothing waiting to be read is dead: every request in flight ends with
+an error at once, new ones get 503, and /ready turns false until its heartbeat comes back (the
+supervisor restarts it). Silence alone is not enough under load: this worker's own event
+loop may be the one that is late, with the engine's messages queued unread.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ from app.engine.messages import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.1
-# Longer than any single engine iteration (a prefill slice, a step at full batch) takes on
-# a loaded CPU, short enough that a dead engine is noticed well within a second.
-DEAD_AFTER_S = 0.8
+# Silent this long and its process no longer exists (or is a zombie): dead.
+GONE_AFTER_S = 0.3
+# Silent this long, alive, nothing unread: hung (stopped, deadlocked). Longer than any single
+# engine iteration (a prefill slice, a step at full batch) takes on a loaded CPU, short
+# enough that requests fail well before a client gives up; the supervisor kills it later.
+HUNG_AFTER_S = 1.0
 # An admission decision takes one engine iteration; this long without one is a lost message.
 ADMISSION_TIMEOUT_S = 30.0
 
@@ -218,7 +223,7 @@ class RemoteEngine:
                     req.updated.set()
             elif isinstance(msg, Status):
                 if self._status is not None and msg.pid != self._status.pid:
-                    # Restarted faster than DEAD_AFTER_S: the new engine has never heard of
+                    # Restarted before it was found dead: the new engine has never heard of
                     # the requests in flight, which would otherwise wait forever.
                     log.error("the engine of %s restarted (pid %d -> %d); failing %d "
                               "request(s) in flight", self.name, self._status.pid, msg.pid,
@@ -255,15 +260,37 @@ class RemoteEngine:
         while True:
             self._send(hello)
             await asyncio.sleep(HEARTBEAT_S)
-            if self._alive and time.perf_counter() - self._heard_at > DEAD_AFTER_S:
-                self._alive = False
-                log.error("the engine of %s stopped answering; failing %d request(s) in "
-                          "flight", self.name, len(self._reqs))
+            if not self._alive:
+                continue
+            silent = time.perf_counter() - self._heard_at
+            if silent <= GONE_AFTER_S or self._unread():
+                continue
+            pid = self._status.pid if self._status is not None else None
+            if pid is not None and process_gone(pid):
+                what = "exited"
+            elif silent > HUNG_AFTER_S:
+                what = "stopped answering"
+            else:
+                continue
+            self._alive = False
+            log.error("the engine of %s %s; failing %d request(s) in flight", self.name,
+                      what, len(self._reqs))
+            if what != "exited":
                 # If it was only stalled, it must not go on generating for nobody: the
                 # cancels wait in the socket until it reads again.
                 for rid in list(self._reqs):
                     self._send(Cancel(rid))
-                self._fail_all(f"the engine of model {self.name!r} stopped")
+            self._fail_all(f"the engine of model {self.name!r} stopped")
+
+    def _unread(self) -> bool:
+        """Messages from the engine wait in the socket: it spoke, this loop was late."""
+        if self._sock is None:
+            return False
+        try:
+            events = self._sock.getsockopt(zmq.EVENTS)
+            return isinstance(events, int) and bool(events & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False
 
     def _fail_all(self, error: str, reason: str = "error") -> None:
         reqs, self._reqs = self._reqs, {}
@@ -276,3 +303,21 @@ class RemoteEngine:
             req.finished_at = now
             req.finish_reason = reason
             req.updated.set()
+
+
+def process_gone(pid: int) -> bool:
+    """The process no longer runs: absent, or a zombie its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc here: ask the kernel the portable way
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return state in (b"Z", b"X")
