@@ -36,11 +36,11 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(VENV)/.dev browser lint
+test: $(VENV)/.dev browser h2load lint
 	$(BIN)/python -m pytest -q
 
 # Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
-test-full: $(VENV)/.dev browser lint
+test-full: $(VENV)/.dev browser h2load lint
 	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
 
 # Debian's h2load (nghttp2-client) drives the servers in bench.serving.
