@@ -61,6 +61,6 @@ async def reload_models(request: Request, svc: Svc) -> ReloadReport:
     report = await request_reload(settings.engine_dir, REPLY_TIMEOUT_S)
     if report is None:
         raise UnavailableError("the supervisor did not answer the reload request in time; "
-                               "see its log", headers={"Retry-After": "5"})
+                               "see its log", retry_after=5)
     await svc.sync()  # this worker serves the new versions before it answers
     return report

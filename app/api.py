@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 
 from app.auth import requires_key, tenant
-from app.errors import ClientGoneError, error_body
+from app.errors import ClientGoneError, UnavailableError, error_body, error_response
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
 from app.service import ModelService, Prepared
 
@@ -156,8 +156,7 @@ async def ready(svc: Svc) -> JSONResponse:
     dead = svc.dead_engines
     state = ("draining" if svc.draining else
              f"engine stopped for {', '.join(dead)}" if dead else "loading")
-    return JSONResponse(error_body("unavailable", f"not ready: {state}"), status_code=503,
-                        headers={"Retry-After": "1"})
+    return error_response(UnavailableError(f"not ready: {state}"))
 
 
 @open_routes.get("/metrics", tags=["ops"], summary="Prometheus metrics",

@@ -17,11 +17,18 @@ log = logging.getLogger(__name__)
 class ServiceError(Exception):
     status = 500
     type = "internal_error"
+    # Refusals a caller should retry (429, 503) say when: Retry-After, built here only.
+    retry_after: int | None = None
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.retry_after = retry_after
+        if self.retry_after is not None:
+            self.headers["Retry-After"] = str(self.retry_after)
 
 
 class InvalidRequestError(ServiceError):
@@ -33,11 +40,11 @@ class ModelNotFoundError(ServiceError):
 
 
 class OverloadedError(ServiceError):
-    status, type = 429, "overloaded"
+    status, type, retry_after = 429, "overloaded", 1
 
 
 class UnavailableError(ServiceError):
-    status, type = 503, "unavailable"
+    status, type, retry_after = 503, "unavailable", 1
 
 
 class UnauthorizedError(ServiceError):

@@ -432,17 +432,15 @@ class ModelService:
         # must not take the others down with it (the engine itself refuses with 503).
         if not self.started or self.draining:
             prep.served.observer.on_rejected("unavailable")
-            raise UnavailableError("the server is shutting down or not ready; retry elsewhere",
-                                   headers={"Retry-After": "1"})
+            raise UnavailableError("the server is shutting down or not ready; retry elsewhere")
         try:
             return await prep.served.engine.submit(prep.params)
         except QueueFullError as exc:
             prep.served.observer.on_rejected("overloaded")
-            raise OverloadedError(str(exc), headers={"Retry-After": str(exc.retry_after)}) \
-                from None
+            raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
         except EngineClosedError as exc:
             prep.served.observer.on_rejected("unavailable")
-            raise UnavailableError(str(exc), headers={"Retry-After": "1"}) from None
+            raise UnavailableError(str(exc)) from None
 
     def response(self, prep: Prepared, req: Request) -> GenerateResponse:
         vocab = prep.served.model.vocab
