@@ -364,7 +364,9 @@ def test_overload_answers_429_with_retry_after_within_50_ms_and_admitted_request
     assert still_full, "the admitted requests ended before the excess was sent: make them longer"
     for r, dt in one_by_one + burst:
         assert r.status_code == 429, r.text
-        assert r.headers["retry-after"] == "1"
+        # From the engine's predicted wait (test_engine pins the arithmetic): at least 1 s, and
+        # more on a machine slow enough that the queue ahead holds over CHARLSTM_MAX_WAIT_S.
+        assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "overloaded"
         assert dt < 1.0  # never waits for a row
     # The promise is about the server: a refusal is answered at once. In a burst from one Python
