@@ -43,7 +43,16 @@ from app.artifact import read_metadata
 from app.decode import DecodeGraph, block_uniforms, load_decode_graph
 from app.runtime import OnnxModel, RuntimeOptions, load_model
 from app.sampling import sample_next
-from bench.common import ROOT, load_average, machine_facts, md_table, result_stem, write_json
+from bench.common import (
+    ROOT,
+    int_list,
+    load_average,
+    machine_facts,
+    md_table,
+    result_stem,
+    shown,
+    write_json,
+)
 
 PRIME_CHARS = 20
 OPTIONS = RuntimeOptions(device="cpu", intra_op_threads=1)  # the service's default
@@ -245,18 +254,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "decode_graph_checks": checks}
 
 
-def shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
-def int_list(text: str) -> list[int]:
-    values = sorted({int(x) for x in text.split(",") if x.strip()})
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -119,3 +120,25 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def shown(path: Path) -> str:
+    """Paths inside the repository relative to it, so results read the same on every host."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def int_list(text: str, most: int | None = None) -> list[int]:
+    """A comma-separated list of positive integers (at most `most`), sorted, without repeats:
+    the levels and batch sizes the benchmarks take on their command lines."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+    if not values or values[0] < 1 or (most is not None and values[-1] > most):
+        bound = f"[1, {most}]" if most is not None else "positive"
+        raise argparse.ArgumentTypeError(f"expected integers in {bound}, got {text!r}")
+    return values

@@ -51,11 +51,13 @@ from app.settings import Settings
 from bench.common import (
     ROOT,
     cell,
+    int_list,
     latency_ms,
     load_average,
     machine_facts,
     md_table,
     result_stem,
+    shown,
     write_json,
 )
 
@@ -916,23 +918,8 @@ def run(cfg: Config) -> dict[str, Any]:
     }
 
 
-def shown(path: Path) -> str:
-    """Paths inside the repository relative to it, so results read the same on every host."""
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -47,10 +47,12 @@ from app.runtime import OnnxModel, RuntimeOptions, load_model, serving_variant
 from bench.common import (
     ROOT,
     cell,
+    int_list,
     load_average,
     machine_facts,
     md_table,
     result_stem,
+    shown,
     write_json,
 )
 from bench.decode import free_port, parse_metrics, raise_open_files_limit, raw_round
@@ -931,11 +933,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 # --- entry point ----------------------------------------------------------------------------
-def shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def before_checkout(cfg: Config, workdir: Path) -> Path | None:
@@ -998,15 +995,6 @@ def run(cfg: Config) -> dict[str, Any]:
             "real": real}
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-    if any(v < 1 or v > CAPACITY for v in values):
-        raise argparse.ArgumentTypeError(f"levels must be in [1, {CAPACITY}], got {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1068,8 +1056,8 @@ def config(args: argparse.Namespace) -> Config:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     real_levels = pick("real_levels")
     return Config(
-        levels=int_list(pick("levels")),
-        real_levels=int_list(real_levels) if real_levels.strip() else [],
+        levels=int_list(pick("levels"), most=CAPACITY),
+        real_levels=int_list(real_levels, most=CAPACITY) if real_levels.strip() else [],
         free_chars=pick("free_chars"), real_chars=pick("real_chars"),
         target_s=pick("target_s"), raw_s=pick("raw_s"), profile_s=pick("profile_s"),
         real_model=args.real_model, free_model=free_model, corpus=args.corpus,

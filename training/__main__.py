@@ -138,6 +138,18 @@ def _export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     _add_serve_options(p)
 
 
+def _add_validation_options(p: argparse.ArgumentParser, window_help: str) -> None:
+    """The model and the validation text it is scored on (`evaluate`, `quantize`)."""
+    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
+    p.add_argument("text", nargs="*", type=Path,
+                   help="text file(s); default: the corpus files named in model.json")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="score the last fraction of the text; 1 scores all of it; default: the "
+                   "model's validation fraction from model.json")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"{window_help}; default: the training window from model.json")
+
+
 def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate", help="validation loss of an exported model, with onnxruntime",
@@ -148,15 +160,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "runs). --update records all three in the model's model.json.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
-    p.add_argument("text", nargs="*", type=Path,
-                   help="text file(s); default: the corpus files named in model.json")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="score the last fraction of the text; 1 scores all of it; default: the "
-                   "model's validation fraction from model.json")
-    p.add_argument("--window", type=int, default=None,
-                   help="characters per window of the first measure; default: the training "
-                   "window from model.json")
+    _add_validation_options(p, "characters per window of the first measure")
     p.add_argument("--update", action="store_true",
                    help="write the three figures into MODEL_DIR/model.json (atomically, other "
                    "fields kept); needs the model's own corpus and measures")
@@ -186,14 +190,7 @@ def _quantize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "when it loses more than --max-increase nats/char. Needs no TensorFlow.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("model_dir", type=Path, help="folder with model.onnx and model.json")
-    p.add_argument("text", nargs="*", type=Path,
-                   help="text file(s); default: the corpus files named in model.json")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="score the last fraction of the text; 1 scores all of it; default: the "
-                   "model's validation fraction from model.json")
-    p.add_argument("--window", type=int, default=None,
-                   help="characters per window; default: the training window from model.json")
+    _add_validation_options(p, "characters per window")
     p.add_argument("--max-increase", type=float, default=0.01,
                    help="largest validation loss increase over fp32 accepted, nats/char")
 

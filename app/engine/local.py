@@ -209,10 +209,7 @@ class Engine:
                 try:
                     self._iteration()
                 except Exception:
-                    # A bug, not a model error (those fail their rows inside the core): no
-                    # row's state can be trusted, so fail them all and keep serving.
-                    log.exception("engine iteration failed on %s", self.model.name)
-                    core.fail_everything("internal engine error")
+                    core.recover()
                     self._publish()
                     self._collect()
                     self._wake(force=True)

@@ -106,12 +106,8 @@ class EngineLoop:
                 if core.has_work:
                     core.iterate()
             except Exception:
-                # A bug, not a model error (those fail their rows inside the core): no row's
-                # state can be trusted, so fail them all and keep serving, as the thread
-                # driver does. Dying would take every worker's requests down with it.
-                log.exception("engine iteration failed on %s", core.model.name)
-                core.fail_everything("internal engine error")
-                core.publish()
+                # Dying would take every worker's requests down with it.
+                core.recover()
             self._collect()
             now = time.perf_counter()
             interval = min(self.MAX_FLUSH_INTERVAL_S, self.FLUSH_S_PER_STREAM * self.streams)
