@@ -84,6 +84,10 @@ class GraphVariant(_Strict):
     file: str
     method: str  # how it was made from onnx.file
     validation: VariantCheck
+    # Whether a row's outputs are the same alone and in any batch (app.runtime.batch_invariant,
+    # measured by `quantize`); None: not measured (an older model.json). Serving it by default
+    # needs True: seeded requests must give the same text under any load.
+    batch_invariant: bool | None = None
 
     @field_validator("file")
     @classmethod

@@ -19,8 +19,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime provider: CUDA when available (auto), or forced")
     variant: Literal["auto", "fp32", "int8"] = Field(
-        "auto", description="graph to serve: auto = the model's int8 variant on the CPU when "
-        "model.json lists one (checked against its loss bound when made), model.onnx otherwise")
+        "auto", description="graph to serve: auto = model.onnx, or the model's int8 variant on "
+        "the CPU when model.json lists one measured batch-invariant (seeded text must not change "
+        "with load); int8 = the variant anyway (faster, seeds reproduce only alone)")
     intra_op_threads: int = Field(
         1, ge=0, description="onnxruntime threads per call; 1 is fastest for small batches on "
         "a 2-core CPU, 0 lets onnxruntime use every core")

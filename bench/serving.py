@@ -187,7 +187,7 @@ def raw_slice(cfg: Config, models: dict[str | None, OnnxModel], batch: int, char
 # --- servers --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServerSpec:
-    key: str  # after | after_w2 | after_fp32 | before
+    key: str  # after | after_w2 | after_fp32 | after_int8 | before
     label: str
     code: Path  # the checkout whose `python -m app` runs
     env: dict[str, str]
@@ -680,12 +680,16 @@ def free_specs(cfg: Config, before_code: Path | None) -> list[ServerSpec]:
 
 
 def real_specs(cfg: Config, before_code: Path | None, model_dir: Path) -> list[ServerSpec]:
-    default = serving_variant(read_metadata(model_dir), "cpu", "auto")
+    meta = read_metadata(model_dir)
+    default = serving_variant(meta, "cpu", "auto")
     specs = [ServerSpec("after", f"after (default: {default or 'fp32'} graph)", ROOT, {},
                         default)]
     if default is not None:
         specs.append(ServerSpec("after_fp32", "after, CHARLSTM_VARIANT=fp32", ROOT,
                                 {"CHARLSTM_VARIANT": "fp32"}, None))
+    elif any(v.name == "int8" for v in meta.variants):  # listed, not batch-invariant
+        specs.append(ServerSpec("after_int8", "after, CHARLSTM_VARIANT=int8", ROOT,
+                                {"CHARLSTM_VARIANT": "int8"}, "int8"))
     if before_code is not None:
         specs.append(ServerSpec("before", f"before ({cfg.before_ref}, one process, fp32)",
                                 before_code, {}, None))

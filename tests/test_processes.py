@@ -200,22 +200,31 @@ def test_uvicorn_app_main_app_serves_everything_in_one_process(tiny_models: Path
         proc.wait(30)
 
 
-def test_the_cpu_serves_the_int8_variant_where_model_json_lists_one(tmp_path: Path) -> None:
-    meta = read_metadata(ROOT / "models" / "shakespeare")
-    assert serving_variant(meta, "cpu", "auto") == "int8"
-    assert serving_variant(meta, "cpu", "fp32") is None
-    srv = start_server(ROOT / "models", tmp_path / "server.log", default="shakespeare")
-    try:
-        with srv.client() as c:
-            info = c.get("/models/shakespeare").json()
-            reply = c.post("/generate", json={"seed_text": "ROMEO:", "max_new_chars": 50})
-    finally:
-        stop_server(srv)
-    assert info["graph"] == "model.int8.onnx"
-    assert reply.json()["usage"]["generated_chars"] == 50
-    int8 = next(v for v in meta.variants if v.name == "int8")
-    assert int8.validation is not None
-    assert int8.validation.loss_nats <= int8.validation.reference_loss_nats + 0.01
+def test_bundled_models_serve_a_batch_invariant_graph_and_int8_only_on_request(
+        tmp_path: Path) -> None:
+    """`auto` must not break the seed promise (the same text under any load): the bundled int8
+    variants quantize activations over the whole batch, so the CPU serves model.onnx unless
+    CHARLSTM_VARIANT=int8 asks for the variant."""
+    for name in ("shakespeare", "nietzsche"):
+        meta = read_metadata(ROOT / "models" / name)
+        int8 = next(v for v in meta.variants if v.name == "int8")
+        assert int8.validation.loss_nats <= int8.validation.reference_loss_nats + 0.01
+        assert int8.batch_invariant is False
+        assert serving_variant(meta, "cpu", "auto") is None
+        assert serving_variant(meta, "cpu", "int8") == "int8"
+        assert serving_variant(meta.model_copy(update={"variants": [
+            int8.model_copy(update={"batch_invariant": True})]}), "cpu", "auto") == "int8"
+    for variant, graph in (("auto", "model.onnx"), ("int8", "model.int8.onnx")):
+        srv = start_server(ROOT / "models", tmp_path / f"{variant}.log", default="shakespeare",
+                           variant=variant)
+        try:
+            with srv.client() as c:
+                info = c.get("/models/shakespeare").json()
+                reply = c.post("/generate", json={"seed_text": "ROMEO:", "max_new_chars": 50})
+        finally:
+            stop_server(srv)
+        assert info["graph"] == graph
+        assert reply.json()["usage"]["generated_chars"] == 50
 
 
 def test_a_model_without_variants_serves_model_onnx(tiny_models: Path) -> None:

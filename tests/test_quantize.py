@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.artifact import ArtifactError, read_metadata
-from app.runtime import RuntimeOptions, load_model
+from app.runtime import RuntimeOptions, batch_invariant, load_model, serving_variant
 from tests.conftest import run_cli
 
 
@@ -51,6 +51,13 @@ def test_int8_variant_is_listed_with_its_loss_within_the_bound(tiny_copy: Path,
     b, _ = int8.run_numpy(ids, zeros)
     assert not np.array_equal(a, b)  # really another graph
     assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+    # Dynamic quantization takes the activations' scale over the whole batch: measured and
+    # recorded, so `auto` does not serve it (seeded text must not change with load).
+    assert batch_invariant(fp32)
+    assert not batch_invariant(int8)
+    assert variant.batch_invariant is False
+    assert "seeded generations then vary with load" in res.stdout
+    assert serving_variant(meta, "cpu", "auto") is None
 
 
 def test_int8_variant_over_the_bound_is_refused_and_nothing_written(tiny_copy: Path,

@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 
 from app.artifact import GraphVariant, VariantCheck, read_metadata, write_metadata
-from app.runtime import RuntimeOptions, load_model, open_step_graph
+from app.runtime import RuntimeOptions, batch_invariant, load_model, open_step_graph
 from training.evaluate import (
     cross_entropy,
     load_text,
@@ -62,12 +62,19 @@ def quantize_int8(model_dir: Path, texts: list[Path], val_fraction: float | None
                 f"{model_dir}: int8 loses {score.loss_nats - reference.loss_nats:.4f} nats/char "
                 f"({score.loss_nats:.4f} vs fp32 {reference.loss_nats:.4f}), more than the "
                 f"{max_increase} allowed; not written")
+        invariant = batch_invariant(int8)
+        if not invariant:
+            print(f"{meta.name}: the int8 graph's output for a row depends on the other rows in "
+                  "its batch (dynamic activation quantization), so `CHARLSTM_VARIANT=auto` "
+                  "serves model.onnx; CHARLSTM_VARIANT=int8 serves this variant, and seeded "
+                  "generations then vary with load")
         variant = GraphVariant(
             name=INT8, file=file, method=METHOD,
             validation=VariantCheck(loss_nats=round(score.loss_nats, 5),
                                     reference_loss_nats=round(reference.loss_nats, 5),
                                     max_increase_nats=max_increase,
-                                    characters=score.characters, window=win))
+                                    characters=score.characters, window=win),
+            batch_invariant=invariant)
         partial.replace(model_dir / file)
     finally:
         with contextlib.suppress(FileNotFoundError):
