@@ -10,6 +10,7 @@ when the graph is built, recorded in its `check`).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,12 @@ from app.artifact import (
     ModelMetadata,
     read_metadata,
 )
-from app.runtime import RuntimeOptions, choose_provider
+from app.runtime import OnnxModel, RuntimeOptions, choose_provider
+
+log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -55,16 +59,21 @@ class DecodeGraph:
                               spec.top_probs_output]
 
     def run(self, ids: npt.NDArray[np.int32], states: list[FloatArray],
-            temperature: FloatArray, top_k: npt.NDArray[np.int64], top_p: FloatArray,
+            temperature: FloatArray, top_k: npt.NDArray[np.int64],
+            top_p: npt.NDArray[np.floating],
             uniforms: npt.NDArray[np.float64], details: bool | None = None) -> DecodeOutput:
-        """ids (B,), states (B, U)..., temperature/top_k/top_p (B,), uniforms (B, K).
+        """ids (B,), states (B, U)..., temperature/top_k/top_p (B,), uniforms (B, K). top_p
+        goes in as float32, at least its smallest normal number: any top_p below that keeps
+        only the likeliest id, as the host's float64 1e-50 does.
         details: also fetch the temperature-1 details (default: when the graph has them)."""
         s = self.spec
         feeds = {s.ids_input: np.ascontiguousarray(ids, np.int32),
                  **dict(zip(self.state_in, states, strict=True)),
                  s.temperature_input: np.ascontiguousarray(temperature, np.float32),
                  s.top_k_input: np.ascontiguousarray(top_k, np.int64),
-                 s.top_p_input: np.ascontiguousarray(top_p, np.float32),
+                 # Kept above 0: graphs built before the likeliest id was always kept (in
+                 # the graph) sampled id 0 for a top_p that float32 rounds to 0.
+                 s.top_p_input: np.maximum(top_p, _FLOAT32_TINY).astype(np.float32),
                  s.uniforms_input: np.ascontiguousarray(uniforms, np.float64)}
         want = self.details if details is None else details and self.details
         n_out = len(self._outputs) if want else 1 + len(self.state_in)
@@ -143,3 +152,43 @@ def load_decode_graph(model_dir: Path, steps: int = 1, variant: str | None = Non
     raise ArtifactError(f"{model_dir}: no decode graph with K={steps} built from {source} "
                         f"(listed: {listed or 'none'}); add one with `python -m training "
                         f"decode-graph {model_dir} --steps {steps}`")
+
+
+@dataclass
+class DecodeGraphs:
+    """What the engine decodes with: K characters per call, and a K = 1 graph of the same source
+    for iterations that also prefill (so a seed in prefill advances one slice per character, as
+    with host sampling). Both use the same in-graph sampler: the same uniforms give the same
+    ids whichever runs, so a seeded request's text does not depend on when others prefill."""
+
+    steps: DecodeGraph
+    single: DecodeGraph | None  # None when K is 1 or no K = 1 graph is listed
+
+    @property
+    def files(self) -> str:
+        return self.steps.spec.file
+
+
+def serving_decode_graphs(model: OnnxModel, steps: int,
+                          options: RuntimeOptions | None = None) -> DecodeGraphs | None:
+    """The decode graphs for `model`'s served graph with K = `steps`, or None (host sampling),
+    saying why in the log. A listed graph that cannot be opened stops start-up (ArtifactError):
+    the folder claims something it does not hold."""
+    if steps < 1:
+        return None
+    if model.provider != "CPUExecutionProvider":
+        log.info("%s: decode graphs run on the CPU provider only; sampling on the host",
+                 model.name)
+        return None
+    specs = {d.steps: d for d in model.meta.decode_graphs
+             if d.source == model.graph_file and d.details}
+    if steps not in specs:
+        log.info("%s: no decode graph with K=%d built from %s (with details) in model.json; "
+                 "sampling on the host (`python -m training decode-graph %s --steps %d`)",
+                 model.name, steps, model.graph_file, model.dir, steps)
+        return None
+    main = open_decode_graph(model.dir, model.meta, specs[steps], options)
+    single = (open_decode_graph(model.dir, model.meta, specs[1], options)
+              if steps > 1 and 1 in specs else None)
+    log.info("%s: decoding %d characters per call with %s", model.name, steps, main.spec.file)
+    return DecodeGraphs(main, single)

@@ -178,6 +178,10 @@ class ModelInfo(BaseModel):
     provider: str
     graph: str = Field("model.onnx", description="graph file served: model.onnx, or a variant "
                        "such as model.int8.onnx (CHARLSTM_VARIANT)")
+    decode_graph: str | None = Field(None, description="decode graph that samples "
+                                     "CHARLSTM_DECODE_STEPS characters per call inside "
+                                     "onnxruntime (built from `graph`); null: one character per "
+                                     "call, sampled on the host")
     validation_loss_nats: float | None
     validation_bits_per_char: float | None
     corpus: str

@@ -27,6 +27,7 @@ from app.continuation import (
     states_to_bytes,
     verify,
 )
+from app.decode import serving_decode_graphs
 from app.engine import (
     Engine,
     EngineClosedError,
@@ -101,6 +102,8 @@ class EngineHandle(Protocol):
     def provider(self) -> str: ...
     @property
     def graph(self) -> str: ...
+    @property
+    def decode_graph(self) -> str | None: ...
     def start(self) -> None: ...
     async def submit(self, params: GenerationParams) -> Request: ...
     async def drain(self, grace_s: float) -> bool: ...
@@ -168,15 +171,16 @@ class ModelService:
             self.generation = manifest.generation
         else:
             for folder in discover(s.models_dir):
-                model = load_model(folder, RuntimeOptions(device=s.device,
-                                                          intra_op_threads=s.intra_op_threads),
+                options = RuntimeOptions(device=s.device, intra_op_threads=s.intra_op_threads)
+                model = load_model(folder, options,
                                    serving_variant(read_metadata(folder), s.device, s.variant))
                 spec = ModelSpec(model.name, folder, model.meta, model.vocab)
                 observer = self.metrics.observer(spec.name)
                 engine = Engine(model, max_batch=s.max_batch, max_queue=s.max_queue,
                                 max_wait_s=s.max_wait_s, observer=observer,
                                 prefill_chunk_chars=s.prefill_chunk_chars,
-                                state_cache_bytes=int(s.state_cache_mb * 2**20))
+                                state_cache_bytes=int(s.state_cache_mb * 2**20),
+                                decode=serving_decode_graphs(model, s.decode_steps, options))
                 self.models[spec.name] = Served(spec, engine, observer)
         if self.settings.default_model not in self.models:
             raise ArtifactError(
@@ -320,7 +324,7 @@ class ModelService:
             units=meta.architecture.units, embedding_dim=meta.architecture.embedding_dim,
             parameters=meta.architecture.parameters, vocab_size=len(m.vocab),
             lowercase=meta.lowercase, provider=served.engine.provider,
-            graph=served.engine.graph,
+            graph=served.engine.graph, decode_graph=served.engine.decode_graph,
             validation_loss_nats=val.loss_nats if val else None,
             validation_bits_per_char=val.bits_per_char if val else None,
             corpus=meta.corpus.name, version=m.version, created=meta.created,

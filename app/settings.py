@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         256, ge=1, le=100_000, description="seed characters prefilled per decode step, shared "
         "by all seeds in prefill: a running stream waits at most one such slice between "
         "characters, however long the seeds others send")
+    decode_steps: int = Field(
+        8, ge=0, le=64, description="characters per row per onnxruntime call, sampled inside "
+        "the model's decode graph with this K (model.json decode_graphs, built from the graph "
+        "served; CPU provider); 0, or no such graph listed: one character per call, sampled "
+        "on the host")
     max_new_chars: int = Field(5000, ge=1, le=10_000_000,
                                description="upper bound for max_new_chars")
     default_new_chars: int = Field(200, ge=1, description="max_new_chars when omitted")

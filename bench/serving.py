@@ -187,7 +187,7 @@ def raw_slice(cfg: Config, models: dict[str | None, OnnxModel], batch: int, char
 # --- servers --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServerSpec:
-    key: str  # after | after_w2 | after_fp32 | after_int8 | before
+    key: str  # after | after_w2 | after_host | after_fp32 | after_int8 | before
     label: str
     code: Path  # the checkout whose `python -m app` runs
     env: dict[str, str]
@@ -667,11 +667,18 @@ def profile_level(cfg: Config, server: Server, n: int, body: Path, workdir: Path
 
 
 # --- one model ------------------------------------------------------------------------------
+def host_sampling_spec(variant: str | None) -> ServerSpec:
+    """Today's server without its decode graph: one character per call, sampled on the host."""
+    return ServerSpec("after_host", "after, CHARLSTM_DECODE_STEPS=0 (host sampling)", ROOT,
+                      {"CHARLSTM_DECODE_STEPS": "0"}, variant)
+
+
 def free_specs(cfg: Config, before_code: Path | None) -> list[ServerSpec]:
     specs = [
         ServerSpec("after", "after (default: 1 HTTP worker on 2 cores)", ROOT, {}, None),
         ServerSpec("after_w2", "after, CHARLSTM_HTTP_WORKERS=2", ROOT,
                    {"CHARLSTM_HTTP_WORKERS": "2"}, None),
+        host_sampling_spec(None),
     ]
     if before_code is not None:
         specs.append(ServerSpec("before", f"before ({cfg.before_ref}, one process)",
@@ -683,7 +690,7 @@ def real_specs(cfg: Config, before_code: Path | None, model_dir: Path) -> list[S
     meta = read_metadata(model_dir)
     default = serving_variant(meta, "cpu", "auto")
     specs = [ServerSpec("after", f"after (default: {default or 'fp32'} graph)", ROOT, {},
-                        default)]
+                        default), host_sampling_spec(default)]
     if default is not None:
         specs.append(ServerSpec("after_fp32", "after, CHARLSTM_VARIANT=fp32", ROOT,
                                 {"CHARLSTM_VARIANT": "fp32"}, None))
@@ -839,6 +846,8 @@ def section_md(title: str, sec: dict[str, Any]) -> list[str]:
             *[f"{k} / raw" for k in keys]]
     if "before" in keys and "after" in keys:
         head.append("after / before")
+    if "after_host" in keys and "after" in keys:
+        head.append("decode graph / host sampling")
     table = []
     for n in levels:
         row: list[Any] = [n, *[raw_by[(g, n)]["chars_per_s"] for g in graphs]]
@@ -847,6 +856,9 @@ def section_md(title: str, sec: dict[str, Any]) -> list[str]:
         if "before" in keys and "after" in keys:
             row.append(f"{by[('after', n)]['chars_per_s'] / by[('before', n)]['chars_per_s']:.2f}"
                        if by[("before", n)]["chars_per_s"] else None)
+        if "after_host" in keys and "after" in keys:
+            host = by[("after_host", n)]["chars_per_s"]
+            row.append(f"{by[('after', n)]['chars_per_s'] / host:.2f}" if host else None)
         table.append(row)
     lines += [md_table(head, table), ""]
     lines += ["Per level and server:", "",

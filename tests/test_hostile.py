@@ -33,7 +33,7 @@ class EngineKilled(BaseException):
 def test_a_killed_engine_turns_ready_off_and_requests_get_503_not_a_hang(
         inprocess: tuple[str, Any]) -> None:  # noqa: F811
     url, app = inprocess
-    model = app.state.service.models["tiny"].engine.model
+    engine = app.state.service.models["tiny"].engine
     events: list[str] = []
     started = threading.Event()
 
@@ -49,10 +49,11 @@ def test_a_killed_engine_turns_ready_off_and_requests_get_503_not_a_hang(
     reader.start()
     assert started.wait(30)
 
-    def die(ids: Any, states: Any) -> Any:
+    def die(*args: Any, **kwargs: Any) -> Any:
         raise EngineKilled
 
-    model.step = die
+    engine.model.step = die  # prefill
+    engine.core.decode.steps.run = die  # decode (the exported model has a decode graph)
     killed_at = time.monotonic()
     with httpx.Client(base_url=url, timeout=5) as c:
         while c.get("/ready").status_code == 200:

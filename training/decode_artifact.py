@@ -91,14 +91,17 @@ def add_decode_graphs(model_dir: Path, steps: tuple[int, ...] = DEFAULT_STEPS,
 
 def check_rows(meta: ModelMetadata, rows: int, seed: int) -> dict[str, Any]:
     """Random per-row parameters mixing every sampler path: greedy, near-greedy and hot
-    temperatures, top-k off / 1 / small / above the vocabulary, top-p off / loose / tight."""
+    temperatures, top-k off / 1 / small / above the vocabulary, top-p off / loose / tight /
+    below float32's range."""
     rng = np.random.default_rng(seed)
     vocab = len(meta.vocab)
     return {
         "temperature": rng.choice([0.0, 0.0, 0.05, 0.3, 0.7, 1.0, 1.0, 1.5, 3.0],
                                   rows).astype(np.float32),
         "top_k": rng.choice([0, 0, 0, 1, 3, 10, vocab + 5], rows).astype(np.int64),
-        "top_p": rng.choice([1.0, 1.0, 1.0, 0.95, 0.7, 0.3, 1e-4], rows).astype(np.float32),
+        # 0.0: what a top_p below float32's range (1e-50) becomes in the graph's input.
+        "top_p": rng.choice([1.0, 1.0, 1.0, 0.95, 0.7, 0.3, 1e-4, 0.0],
+                            rows).astype(np.float32),
         "keys": rng_mod.row_keys(rng.integers(0, 2**62, rows)),
         "prime": rng.integers(0, vocab, (rows, 12)).astype(np.int32),  # context for the states
         "ids": rng.integers(0, vocab, rows).astype(np.int32),

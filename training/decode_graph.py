@@ -126,6 +126,9 @@ class _RowParams:
         k = b.op("Unsqueeze", [b.op("Where", [filtering, top_k, v64]), axis1], "k")  # (B, 1)
         rank = b.const("rank", np.arange(vocab)[None, :], np.int64)  # (1, V)
         self.keep_rank = b.op("Less", [rank, k], "keep_rank")  # (B, V) bool, in sorted order
+        # The likeliest id is always kept, as on the host: a top_p below float32's range
+        # arrives as 0, and mass_before < 0 would keep nothing.
+        self.first = b.op("Equal", [rank, b.const("zero", 0, np.int64)], "first")  # (1, V)
         top_p = b.op("Unsqueeze", [spec.top_p_input, axis1])  # (B, 1) float32
         self.top_p64 = b.op("Cast", [top_p], "top_p64", to=TensorProto.DOUBLE)
         # top_p >= 1 keeps every id: the mass before the tail can round up to 1.0.
@@ -173,8 +176,8 @@ def _filtered(b: _Builder, p: str, rows: _RowParams, vocab: int) -> str:
     norm = b.op("Div", [sorted_p, b.reduce("ReduceSum", sorted_p, axis=1, keepdims=1)])
     before = b.op("Sub", [b.op("CumSum", [norm, b.const("axis", 1, np.int64)]), norm],
                   "mass_before")
-    keep = b.op("And", [rows.keep_rank,
-                        b.op("Or", [b.op("Less", [before, rows.top_p64]), rows.p_off])])
+    keep = b.op("And", [rows.keep_rank, b.op("Or", [
+        rows.first, b.op("Or", [b.op("Less", [before, rows.top_p64]), rows.p_off])])])
     kept = b.op("Where", [keep, sorted_p, b.const("zero", 0.0, np.float64)])
     # `order` is a permutation, so the scatter overwrites every entry of p: kept, in id order.
     return str(b.op("ScatterElements", [p, order, kept], "filtered", axis=1))

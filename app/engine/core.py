@@ -8,7 +8,9 @@ sequences and calls `iterate()` while there is work. Life of a sequence:
              iteration, shared by every sequence in prefill, so a long seed never stalls the
              running rows for longer than one slice
     decode   one id per iteration: sample from the last logits, filter finished rows, then
-             one onnxruntime call advances every remaining row by one character
+             one onnxruntime call advances every remaining row by one character. With a
+             decode graph (app/decode.py) the graph samples too, K ids per row per call; a
+             row then holds the id it feeds next instead of logits (see `_decode_graph`)
     finish   length | stop | time_limit | cancelled | error
 
 Whatever one sequence does wrong (parameters the arrays cannot hold, a graph error in its
@@ -24,13 +26,16 @@ import math
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from app import rng as rng_mod
+from app.decode import DecodeGraph, DecodeGraphs, block_uniforms
 from app.engine.cache import StateCache, prefix_digests
 from app.sampling import sample_next, softmax
 from app.stops import StopMatcher
@@ -191,6 +196,9 @@ class Batch:
         self.counters = np.zeros(0, np.uint64)
         self.remaining = np.zeros(0, np.int64)
         self.deadline = np.zeros(0, np.float64)
+        # With a decode graph: the id each row feeds next (already emitted); rows in
+        # fresh_rows have none yet, they sample their first id from `logits` on the host.
+        self.pending = np.zeros(0, np.int32)
         # Rows needing per-row Python work; most rows need none, so the hot loop skips them.
         self.stop_rows: frozenset[int] = frozenset()
         self.detail_rows: list[int] = []
@@ -218,6 +226,7 @@ class Batch:
                                                                   np.int64)]),
             "deadline": np.concatenate([self.deadline, np.array([s.deadline for s in seqs],
                                                                 np.float64)]),
+            "pending": np.concatenate([self.pending, np.zeros(len(seqs), np.int32)]),
         }
         for name, value in new.items():
             setattr(self, name, value)
@@ -237,7 +246,7 @@ class Batch:
         self.states = (self.model.select(self.states, rows) if len(rows)
                        else self.model.zero_states(0))
         for name in ("temperature", "top_k", "top_p", "keys", "counters", "remaining",
-                     "deadline"):
+                     "deadline", "pending"):
             setattr(self, name, getattr(self, name)[rows])
         self.fresh_rows = []  # filter() runs only after a step, which consumed them
         self._index_rows()
@@ -274,8 +283,13 @@ class EngineCore:
 
     def __init__(self, model: StepModel, max_batch: int = 256, max_queue: int = 256,
                  prefill_chunk_chars: int = 256, max_wait_s: float = 10.0,
-                 observer: EngineObserver | None = None, state_cache_bytes: int = 0) -> None:
+                 observer: EngineObserver | None = None, state_cache_bytes: int = 0,
+                 decode: DecodeGraphs | None = None) -> None:
         self.model = model
+        self.decode = decode
+        # Characters each row gains per decode call: the predictions count in characters.
+        self.chars_per_call = decode.steps.steps if decode else 1
+        self._last_k = self.chars_per_call  # of the last decode call (K = 1 while prefilling)
         self.cache = StateCache(state_cache_bytes) if state_cache_bytes > 0 else None
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -322,6 +336,12 @@ class EngineCore:
         """Predicted seconds per iteration with every row busy (when anyone waits, they are)."""
         return self.factor * (self.step_fixed_s + self.step_row_s * self.max_batch)
 
+    @property
+    def graph_files(self) -> str:
+        """What decodes: the step graph, and the decode graph when one samples in the graph."""
+        step = str(getattr(self.model, "graph_file", "model.onnx"))
+        return f"{step} + {self.decode.files}" if self.decode else step
+
     def calibrate(self, repeats: int = 3) -> None:
         """Time a decode iteration (graph call, random draws, sampling) at 1 and `max_batch`
         rows for the wait predictions, so the first burst is judged at full-batch speed,
@@ -335,9 +355,15 @@ class EngineCore:
             times = []
             for _ in range(repeats + 1):  # the first call allocates: not counted
                 t0 = time.perf_counter()
-                logits, _ = self.model.step(ids, states)
-                u = rng_mod.uniforms(keys, counters)
-                sample_next(logits[:, -1, :], temperature, top_k, top_p, u).tolist()
+                if self.decode is not None:
+                    graph = self.decode.steps
+                    graph.run(ids[:, 0], self.model.states_to_host(states), temperature, top_k,
+                              top_p, block_uniforms(keys, counters, graph.steps),
+                              details=False).ids.tolist()
+                else:
+                    logits, _ = self.model.step(ids, states)
+                    u = rng_mod.uniforms(keys, counters)
+                    sample_next(logits[:, -1, :], temperature, top_k, top_p, u).tolist()
                 times.append(time.perf_counter() - t0)
             return statistics.median(times[1:])
 
@@ -359,15 +385,16 @@ class EngineCore:
         if free > len(self.waiting):
             return 0.0
         per_iter = self.iteration_s or 0.001
+        per_char = per_iter / self.chars_per_call
         now = time.perf_counter()
         # When each row frees, in seconds from now: after its remaining characters, or at
         # its time limit if that comes first.
         frees = [0.0] * max(free, 0)
         if len(self.batch):
-            frees += np.minimum(self.batch.remaining * per_iter,
+            frees += np.minimum(self.batch.remaining * per_char,
                                 np.maximum(self.batch.deadline - now, 0.0)).tolist()
-        frees += [min((self.prefill_iterations(len(s.params.seed_ids) - s.prefilled)
-                       + s.params.max_new) * per_iter, max(s.deadline - now, 0.0))
+        frees += [min(self.prefill_iterations(len(s.params.seed_ids) - s.prefilled) * per_iter
+                      + s.params.max_new * per_char, max(s.deadline - now, 0.0))
                   for s in self.prefilling]
         # Queued seeds ahead of the newcomer will slow every iteration while they prefill
         # (prefill already under way is in the measured iteration period).
@@ -375,7 +402,7 @@ class EngineCore:
         heapq.heapify(frees)
         for s in self.waiting:
             start = heapq.heappop(frees)
-            run = (self.prefill_iterations(len(s.params.seed_ids)) + s.params.max_new) * per_iter
+            run = self.predict_run(s.params)
             heapq.heappush(frees, start + min(run, max(s.deadline - now - start, 0.0)))
             prefill_chars += len(s.params.seed_ids)
         return frees[0] + prefill_chars * self.prefill_s_per_char
@@ -383,7 +410,8 @@ class EngineCore:
     def predict_run(self, params: GenerationParams) -> float:
         """Seconds a request would take once it holds a row, at the current iteration time."""
         per_iter = self.iteration_s or 0.001
-        return (self.prefill_iterations(len(params.seed_ids)) + params.max_new) * per_iter
+        return (self.prefill_iterations(len(params.seed_ids)) * per_iter
+                + params.max_new * per_iter / self.chars_per_call)
 
     # --- submission -----------------------------------------------------------------------
     def admission(self, params: GenerationParams) -> tuple[float, str | None, int]:
@@ -495,12 +523,17 @@ class EngineCore:
             now = time.perf_counter()
             if self._last_decode_at is not None:
                 period = max(now - self._last_decode_at - self._judging_s, 1e-6)
-                self._ratios.append(period / (self.step_fixed_s + self.step_row_s * rows))
+                # Per character: a K = 1 call while seeds prefill is compared at its K.
+                self._ratios.append(period / self._last_k * self.chars_per_call
+                                    / (self.step_fixed_s + self.step_row_s * rows))
                 self.factor = max(statistics.median(self._ratios), 0.1)
-                self.chars_per_s = rows / period
+                self.chars_per_s = rows * self._last_k / period
             self._last_decode_at = now
             self._judging_s = 0.0
-            self._decode()
+            if self.decode is not None:
+                self._decode_graph(self.decode)
+            else:
+                self._decode()
         else:
             self._last_decode_at = None  # idle gaps are not iteration time
         self.publish()
@@ -695,14 +728,8 @@ class EngineCore:
             ended.setdefault(i, "time_limit")
         if ended:
             for i, reason in ended.items():
-                s = seqs[i]
-                s.sampled = int(b.counters[i])
-                if s.params.resumable and reason in ("length", "time_limit"):
-                    s.final = (self.model.states_to_host(self.model.select(
-                        b.states, np.array([i], np.intp))), int(nxt[i]), s.sampled)
-                if reason in ("length", "time_limit"):
-                    s.ids.extend(s.matcher.flush())
-                self._finish(s, reason)
+                self._end_row(i, reason, int(b.counters[i]), int(nxt[i]),
+                              partial(self._row_states, b.states, i))
             keep = self._drop_rows(set(ended))
             nxt = nxt[keep]
         if not len(b):
@@ -720,12 +747,144 @@ class EngineCore:
         if self.observer:
             self.observer.on_step(len(b), time.perf_counter() - t0)
 
+    def _decode_graph(self, graphs: DecodeGraphs) -> None:
+        """One decode-graph call: every row feeds its pending id and gains K sampled ids.
+
+        A row holds the id it feeds next (`pending`, already emitted) and the state before it.
+        Rows just out of prefill sample their first id from their logits on the host first.
+        While seeds prefill, the K = 1 graph runs, so a seed advances one slice per character
+        as with host sampling; both graphs sample alike, so the text does not depend on it."""
+        b = self.batch
+        if b.fresh_rows:
+            self._start_rows()
+            if not len(b):
+                return
+        graph: DecodeGraph = graphs.single if self.prefilling and graphs.single else graphs.steps
+        k = graph.steps
+        base, fed, states_in = b.counters.copy(), b.pending.copy(), b.states
+        t0 = time.perf_counter()
+        try:
+            out = graph.run(fed, self.model.states_to_host(states_in), b.temperature, b.top_k,
+                            b.top_p, block_uniforms(b.keys, base, k),
+                            details=bool(b.detail_rows))
+        except Exception as exc:  # onnxruntime errors are not a fixed type
+            log.exception("decode graph call failed for a batch of %d on %s", len(b),
+                          self.model.name)
+            for s in b.seqs:
+                self._finish(s, "error", f"model error during decoding ({type(exc).__name__})")
+            b.filter(np.zeros(0, np.intp))
+            return
+        if self.observer:
+            self.observer.on_step(len(b), time.perf_counter() - t0)
+        self._last_k = k
+        b.states = self.model.states_from_host(out.states)
+        b.pending = out.ids[:, -1].copy()
+        take = np.minimum(b.remaining, k)  # the last block of a row may be partly used
+        b.counters += np.uint64(k)
+        b.remaining -= take
+        seqs, blocks, counts = b.seqs, out.ids.tolist(), take.tolist()
+        ended: dict[int, tuple[str, int]] = {}  # row -> (reason, ids of the block used)
+        for i, (s, block, n) in enumerate(zip(seqs, blocks, counts, strict=True)):
+            if i in b.stop_rows:
+                for j, tok in enumerate(block[:n]):
+                    emit, stopped = s.matcher.push(tok)
+                    s.ids.extend(emit)
+                    if stopped:
+                        ended[i] = ("stop", j + 1)
+                        break
+            else:
+                s.ids.extend(block if n == k else block[:n])
+        if b.detail_rows:
+            assert out.chosen_prob is not None
+            assert out.top_ids is not None
+            assert out.top_probs is not None
+            for i in b.detail_rows:
+                used = ended[i][1] if i in ended else counts[i]
+                for j in range(used):
+                    b.seqs[i].details.append(TokenDetail(
+                        prob=float(out.chosen_prob[i, j]),
+                        top=list(zip(out.top_ids[i, j].tolist(),
+                                     out.top_probs[i, j].tolist(), strict=True))))
+        self.touched.extend(seqs)
+        for i in np.flatnonzero(b.remaining <= 0).tolist():
+            ended.setdefault(i, ("length", counts[i]))
+        for i in np.flatnonzero(time.perf_counter() >= b.deadline).tolist():
+            ended.setdefault(i, ("time_limit", counts[i]))
+        if not ended:
+            return
+        for i, (reason, n) in ended.items():
+            # The state before the row's last id: the call's own when the block's last id
+            # ended it, else the block's first n inputs replayed from where the call started.
+            before_last = (partial(self._row_states, b.states, i) if n == k else
+                           partial(self._replay, states_in, i, [int(fed[i]), *blocks[i][:n - 1]]))
+            self._end_row(i, reason, int(base[i]) + n, blocks[i][n - 1], before_last)
+        self._drop_rows(set(ended))
+
+    def _start_rows(self) -> None:
+        """Graph mode: rows just out of prefill (or the state cache) sample their first id from
+        their logits on the host, which becomes the id they feed next."""
+        b = self.batch
+        fresh = np.array(b.fresh_rows, np.intp)
+        b.fresh_rows = []
+        u = rng_mod.uniforms(b.keys[fresh], b.counters[fresh])
+        first = sample_next(b.logits[fresh], b.temperature[fresh], b.top_k[fresh],
+                            b.top_p[fresh], u)
+        b.pending[fresh] = first
+        if b.detail_rows:
+            joined = set(fresh.tolist())
+            self._record_details(b.pending, [i for i in b.detail_rows if i in joined])
+        b.counters[fresh] += np.uint64(1)
+        b.remaining[fresh] -= 1
+        now = time.perf_counter()
+        ended: dict[int, str] = {}
+        for i, tok in zip(fresh.tolist(), first.tolist(), strict=True):
+            s = b.seqs[i]
+            s.first_at = now
+            self.touched.append(s)
+            if i in b.stop_rows:
+                emit, stopped = s.matcher.push(tok)
+                s.ids.extend(emit)
+                if stopped:
+                    ended[i] = "stop"
+                    continue
+            else:
+                s.ids.append(tok)
+            if b.remaining[i] <= 0:
+                ended[i] = "length"
+            elif now >= b.deadline[i]:
+                ended[i] = "time_limit"
+        if ended:
+            for i, reason in ended.items():
+                self._end_row(i, reason, int(b.counters[i]), int(b.pending[i]),
+                              partial(self._row_states, b.states, i))
+            self._drop_rows(set(ended))
+
+    def _row_states(self, states: Any, i: int) -> Any:
+        return self.model.select(states, np.array([i], np.intp))
+
+    def _replay(self, states: Any, i: int, ids: list[int]) -> Any:
+        """Row i's state after feeding `ids` from `states`."""
+        return self.model.step(np.array([ids], np.int32), self._row_states(states, i))[1]
+
+    def _end_row(self, i: int, reason: str, sampled: int, last: int,
+                 before_last: Callable[[], Any]) -> None:
+        """Finish batch row i. A resumable row ending by length or time keeps what continuing
+        it exactly needs: the state before its last id (`before_last()`), that id, and how
+        many ids its random stream has given."""
+        s = self.batch.seqs[i]
+        s.sampled = sampled
+        if reason in ("length", "time_limit"):
+            if s.params.resumable:
+                s.final = (self.model.states_to_host(before_last()), last, sampled)
+            s.ids.extend(s.matcher.flush())
+        self._finish(s, reason)
+
     def _drop_rows(self, rows: set[int]) -> npt.NDArray[np.intp]:
         keep = np.array([i for i in range(len(self.batch)) if i not in rows], np.intp)
         self.batch.filter(keep)
         return keep
 
-    def _record_details(self, nxt: npt.NDArray[np.int64], rows: list[int]) -> None:
+    def _record_details(self, nxt: npt.NDArray[np.integer], rows: list[int]) -> None:
         b = self.batch
         probs = softmax(b.logits[rows])  # (R, V), the model's own distribution (T = 1)
         top = np.argsort(-probs, axis=-1)[:, :TOP_ALTERNATIVES]

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from app.decode import DecodeGraphs
 from app.engine.core import (
     EngineCore,
     EngineObserver,
@@ -66,11 +67,13 @@ class Engine:
 
     def __init__(self, model: StepModel, max_batch: int = 256, max_queue: int = 256,
                  max_wait_s: float = 10.0, observer: EngineObserver | None = None,
-                 prefill_chunk_chars: int = 256, state_cache_bytes: int = 0) -> None:
+                 prefill_chunk_chars: int = 256, state_cache_bytes: int = 0,
+                 decode: DecodeGraphs | None = None) -> None:
         self.model = model
         self.core = EngineCore(model, max_batch=max_batch, max_queue=max_queue,
                                prefill_chunk_chars=prefill_chunk_chars, max_wait_s=max_wait_s,
-                               observer=observer, state_cache_bytes=state_cache_bytes)
+                               observer=observer, state_cache_bytes=state_cache_bytes,
+                               decode=decode)
         self._inbox: deque[Request] = deque()  # deque append/popleft are thread-safe
         self._cv = threading.Condition()
         self._accepting = True
@@ -113,6 +116,10 @@ class Engine:
     @property
     def graph(self) -> str:
         return str(getattr(self.model, "graph_file", "model.onnx"))
+
+    @property
+    def decode_graph(self) -> str | None:
+        return self.core.decode.files if self.core.decode else None
 
     def refresh_metrics(self) -> None:
         """Gauges that change between engine events (the process engine publishes its own)."""

@@ -85,6 +85,7 @@ class Status(msgspec.Struct, tag="status", array_like=True):
     pid: int
     provider: str
     graph: str  # the graph file served: model.onnx or a variant's
+    decode_graph: str  # the decode graph sampling K ids per call; "" when sampling on the host
     waiting: int
     active: int
     predicted_wait_s: float

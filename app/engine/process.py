@@ -22,6 +22,7 @@ import zmq
 
 from app.artifact import ArtifactError, read_metadata
 from app.continuation import states_from_bytes, states_to_bytes
+from app.decode import serving_decode_graphs
 from app.engine.core import EngineCore, GenerationParams, Sequence
 from app.engine.messages import (
     Abort,
@@ -77,6 +78,7 @@ class EngineLoop:
         self.sock = sock
         self.provider = provider
         self.graph = graph
+        self.decode_graph = core.decode.files if core.decode else ""
         self.seqs: dict[tuple[bytes, int], _Remote] = {}
         self.clients: dict[bytes, float] = {}  # identity -> last heard from
         self.news: dict[bytes, dict[int, _Remote]] = {}
@@ -236,8 +238,9 @@ class EngineLoop:
         wait = core.predict_wait() if core.has_work else 0.0
         if core.observer is not None:
             core.observer.on_estimate(wait, core.chars_per_s)
-        status = encoder.encode(Status(os.getpid(), self.provider, self.graph, len(core.waiting),
-                                       core.active, wait, core.chars_per_s))
+        status = encoder.encode(Status(os.getpid(), self.provider, self.graph,
+                                       self.decode_graph, len(core.waiting), core.active, wait,
+                                       core.chars_per_s))
         for ident, seen in list(self.clients.items()):
             if now - seen > CLIENT_TTL_S:
                 self._forget(ident)
@@ -305,9 +308,12 @@ def main(model_dir: Path, address: str, settings: Settings,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        model = load_model(model_dir, RuntimeOptions(
-            device=settings.device, intra_op_threads=settings.intra_op_threads),
-            serving_variant(read_metadata(model_dir), settings.device, settings.variant))
+        options = RuntimeOptions(device=settings.device,
+                                 intra_op_threads=settings.intra_op_threads)
+        model = load_model(model_dir, options,
+                           serving_variant(read_metadata(model_dir), settings.device,
+                                           settings.variant))
+        decode = serving_decode_graphs(model, settings.decode_steps, options)
     except ArtifactError as exc:
         # The supervisor sees the exit code and stops start-up (or refuses a reload); this
         # is the reason.
@@ -320,7 +326,7 @@ def main(model_dir: Path, address: str, settings: Settings,
     core = EngineCore(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
                       prefill_chunk_chars=settings.prefill_chunk_chars,
                       max_wait_s=settings.max_wait_s, observer=observer,
-                      state_cache_bytes=int(settings.state_cache_mb * 2**20))
+                      state_cache_bytes=int(settings.state_cache_mb * 2**20), decode=decode)
     core.calibrate()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -336,7 +342,7 @@ def main(model_dir: Path, address: str, settings: Settings,
     if retire_asked:
         loop.retire(settings.drain_s)
     log.info("engine for %s ready on %s (pid %d, %s)", model.name, address, os.getpid(),
-             model.graph_file)
+             core.graph_files)
     try:
         loop.run()
     finally:

@@ -103,6 +103,10 @@ class RemoteEngine:
         return self._status.graph if self._status else "unknown"
 
     @property
+    def decode_graph(self) -> str | None:
+        return (self._status.decode_graph or None) if self._status else None
+
+    @property
     def pid(self) -> int | None:
         return self._status.pid if self._status else None
 

@@ -1,0 +1,124 @@
+"""The engine driving decode graphs (issue 13): K ids per row per onnxruntime call, sampled in
+the graph, must give what the host-sampling engine gives: the same ids, finish reasons, random
+stream positions and details, whatever the parameters, stops, batch and prefill around it, and a
+resumable row that ends inside a block must continue exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.decode import DecodeGraphs, serving_decode_graphs
+from app.engine import EngineCore, GenerationParams, Sequence
+from app.runtime import OnnxModel, RuntimeOptions, load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models: Path) -> OnnxModel:
+    return load_model(tiny_models / "tiny", RuntimeOptions(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def graphs(model: OnnxModel) -> DecodeGraphs:
+    g = serving_decode_graphs(model, 8)
+    assert g is not None  # export writes K = 1 and K = 8
+    assert (g.steps.steps, g.single.steps if g.single else None) == (8, 1)
+    return g
+
+
+def run(model: OnnxModel, decode: DecodeGraphs | None, params: list[GenerationParams],
+        **kw: Any) -> list[Sequence]:
+    core = EngineCore(model, decode=decode, **kw)
+    seqs = [Sequence(p) for p in params]
+    for s in seqs:
+        core.submit(s)
+    while core.has_work:
+        core.iterate()
+    return seqs
+
+
+def varied(model: OnnxModel, i: int, **kw: Any) -> GenerationParams:
+    """Greedy, temperature, top-k, top-p, stops, details; lengths that are not multiples of K."""
+    p: dict[str, Any] = dict(
+        seed_ids=model.vocab.encode("ROMEO:\n" * (1 + i % 3)), max_new=1 + 9 * i,
+        temperature=[0.0, 0.7, 1.0, 1.5][i % 4], top_k=[0, 3, 0, 10][i % 4],
+        top_p=[1.0, 1e-50, 0.9, 0.5][i % 4], seed=i, details=i % 5 == 0,
+        stop=[tuple(model.vocab.encode("e "))] if i % 3 == 0 else [])
+    p.update(kw)
+    return GenerationParams(**p)
+
+
+def test_the_graph_engine_gives_the_host_engines_ids_reasons_and_details(
+        model: OnnxModel, graphs: DecodeGraphs) -> None:
+    # 16 rows for 24 requests and 7-character prefill slices: rows join and leave mid-run,
+    # seeds prefill beside running rows (the K = 1 graph runs then).
+    params = [varied(model, i) for i in range(24)]
+    host = run(model, None, params, max_batch=16, prefill_chunk_chars=7)
+    graph = run(model, graphs, params, max_batch=16, prefill_chunk_chars=7)
+    reasons = {s.finish_reason for s in host}
+    assert reasons == {"length", "stop"}
+    for h, g in zip(host, graph, strict=True):
+        assert g.ids == h.ids
+        assert (g.finish_reason, g.sampled) == (h.finish_reason, h.sampled)
+        assert len(g.details) == len(h.details)
+        for a, b in zip(g.details, h.details, strict=True):
+            assert a.prob == pytest.approx(b.prob, abs=1e-6)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_a_seeded_request_is_the_same_alone_and_in_a_crowd_with_prefill(
+        model: OnnxModel, graphs: DecodeGraphs) -> None:
+    mine = varied(model, 2, max_new=150)
+    alone = run(model, graphs, [mine])[0]
+    crowd = [varied(model, 40 + i, seed_ids=model.vocab.encode("KING:" * (i + 1) * 20))
+             for i in range(10)]
+    beside = run(model, graphs, [*crowd, mine], prefill_chunk_chars=16)[-1]
+    assert beside.ids == alone.ids
+    assert len(alone.ids) == 150
+
+
+@pytest.mark.parametrize("first", [1, 8, 37])
+def test_a_resumable_row_ending_inside_a_block_continues_exactly(
+        model: OnnxModel, graphs: DecodeGraphs, first: int) -> None:
+    straight = run(model, graphs, [varied(model, 1, max_new=first + 50)])[0]
+    head = run(model, graphs, [varied(model, 1, max_new=first, resumable=True)])[0]
+    assert head.final is not None
+    states, last, sampled = head.final
+    assert (last, sampled) == (head.ids[-1], first)
+    tail = run(model, graphs, [varied(model, 1, seed_ids=np.array([last], np.int32),
+                                      initial_states=states, counter_start=sampled,
+                                      max_new=50)])[0]
+    assert head.ids + tail.ids == straight.ids
+
+
+def test_rows_advance_k_ids_per_call_and_one_while_a_seed_prefills(
+        model: OnnxModel, graphs: DecodeGraphs) -> None:
+    core = EngineCore(model, decode=graphs, prefill_chunk_chars=10)
+    running = Sequence(varied(model, 1, max_new=200, seed_ids=model.vocab.encode("ROMEO:")))
+    core.submit(running)
+    core.iterate()  # prefill and the first id (host), then one K = 8 call
+    assert len(running.ids) == 1 + 8
+    core.submit(Sequence(varied(model, 2, seed_ids=model.vocab.encode("A" * 35))))
+    seen = []
+    for _ in range(4):  # the 35-character seed takes 4 slices of 10
+        before = len(running.ids)
+        core.iterate()
+        seen.append(len(running.ids) - before)
+    assert seen == [1, 1, 1, 8]  # K = 1 while the seed has slices left, K again after
+
+
+def test_decode_graphs_are_chosen_by_k_and_provider_and_0_means_host(
+        model: OnnxModel) -> None:
+    assert serving_decode_graphs(model, 0) is None
+    assert serving_decode_graphs(model, 4) is None  # not listed: host sampling, logged
+    one = serving_decode_graphs(model, 1)
+    assert one is not None
+    assert one.steps.steps == 1
+    assert one.single is None
+    core = EngineCore(model, decode=serving_decode_graphs(model, 8))
+    assert core.graph_files == "model.onnx + decode.k8.onnx"
+    core.calibrate(repeats=1)
+    assert core.step_fixed_s > 0
