@@ -169,7 +169,7 @@ def test_a_flood_of_long_seeds_leaves_running_streams_a_bounded_gap(
         gaps: list[float] = []
         text = ""
         with httpx.Client(base_url=shakespeare.url, timeout=60) as c, connect_sse(
-                c, "POST", "/generate", json={"seed_text": "ROMEO:", "max_new_chars": 400,
+                c, "POST", "/generate", json={"seed_text": "ROMEO:", "max_new_chars": 1200,
                                               "stream": True, "seed": 1}) as es:
             last = None
             for ev in es.iter_sse():
@@ -184,9 +184,10 @@ def test_a_flood_of_long_seeds_leaves_running_streams_a_bounded_gap(
         flood.kill()
         flood.join(10)
     assert flooded >= 20, "the flood did not run alongside the stream"
-    # Under load the workers coalesce several characters per event, so count characters
-    # for completeness and events only for a meaningful gap sample.
-    assert len(text) == 400
+    # Under load the workers coalesce several characters per event (and the decode graph
+    # makes 8 per call), so count characters for completeness and events only for a
+    # meaningful gap sample: 400 characters came in 9 events once the decode graph served.
+    assert len(text) == 1200
     assert len(gaps) >= 10
     print(f"\nflood: largest gap {max(gaps) * 1e3:.0f} ms (bound {bound * 1e3:.0f} ms), "
           f"{flooded} long seeds alongside")
