@@ -203,6 +203,7 @@ class Server:
     port: int
     roles: dict[int, str] = field(default_factory=dict)  # pid -> role, once ready
     graph: str = "model.onnx"
+    decode_graph: str | None = None  # sampling in the graph, K per call (/models)
     log_offset: int = 0
 
     def log_tail(self) -> str:
@@ -288,6 +289,7 @@ def wait_ready(server: Server, model: str, timeout_s: float = 180) -> None:
                 info = httpx.get(f"{server.url}/models/{model}", timeout=5,
                                  trust_env=False).json()
                 server.graph = str(info.get("graph") or "model.onnx")
+                server.decode_graph = info.get("decode_graph")
                 server.find_roles()
                 return
         time.sleep(0.1)
@@ -562,7 +564,8 @@ def level_result(model: str, server: Server, n: int, chars: int, samples: list[S
     steps, firsts = total("steps"), total("ttft_count")
     loadgen = total("loadgen_cpu_s")
     return LevelResult(
-        model=model, server=server.spec.key, label=server.spec.label, graph=server.graph,
+        model=model, server=server.spec.key, label=server.spec.label,
+        graph=server.graph + (f" + {server.decode_graph}" if server.decode_graph else ""),
         level=n, chars=chars, passes=len(samples), requests=int(total("requests")),
         succeeded=ok, failed=int(total("requests")) - ok,
         server_errors=errors[:5] + ([f"... {len(errors) - 5} more"] if len(errors) > 5 else []),
