@@ -61,11 +61,13 @@ class DecodeGraph:
     def run(self, ids: npt.NDArray[np.int32], states: list[FloatArray],
             temperature: FloatArray, top_k: npt.NDArray[np.int64],
             top_p: npt.NDArray[np.floating],
-            uniforms: npt.NDArray[np.float64], details: bool | None = None) -> DecodeOutput:
+            uniforms: npt.NDArray[np.float64], details: bool | None = None,
+            clamp_top_p: bool = True) -> DecodeOutput:
         """ids (B,), states (B, U)..., temperature/top_k/top_p (B,), uniforms (B, K). top_p
         goes in as float32, at least its smallest normal number: any top_p below that keeps
         only the likeliest id, as the host's float64 1e-50 does.
-        details: also fetch the temperature-1 details (default: when the graph has them)."""
+        details: also fetch the temperature-1 details (default: when the graph has them).
+        clamp_top_p=False feeds top_p as given (the build check tests the graph at 0)."""
         s = self.spec
         feeds = {s.ids_input: np.ascontiguousarray(ids, np.int32),
                  **dict(zip(self.state_in, states, strict=True)),
@@ -73,7 +75,8 @@ class DecodeGraph:
                  s.top_k_input: np.ascontiguousarray(top_k, np.int64),
                  # Kept above 0: graphs built before the likeliest id was always kept (in
                  # the graph) sampled id 0 for a top_p that float32 rounds to 0.
-                 s.top_p_input: np.maximum(top_p, _FLOAT32_TINY).astype(np.float32),
+                 s.top_p_input: (np.maximum(top_p, _FLOAT32_TINY) if clamp_top_p
+                                 else top_p).astype(np.float32),
                  s.uniforms_input: np.ascontiguousarray(uniforms, np.float64)}
         want = self.details if details is None else details and self.details
         n_out = len(self._outputs) if want else 1 + len(self.state_in)

@@ -75,23 +75,28 @@ def test_a_seeded_request_is_the_same_alone_and_in_a_crowd_with_prefill(
     alone = run(model, graphs, [mine])[0]
     crowd = [varied(model, 40 + i, seed_ids=model.vocab.encode("KING:" * (i + 1) * 20))
              for i in range(10)]
-    beside = run(model, graphs, [*crowd, mine], prefill_chunk_chars=16)[-1]
+    # Submitted first, so it decodes while the crowd's long seeds prefill (K = 1 calls) and
+    # after (K = 8 calls).
+    beside = run(model, graphs, [mine, *crowd], prefill_chunk_chars=16)[0]
     assert beside.ids == alone.ids
     assert len(alone.ids) == 150
 
 
-@pytest.mark.parametrize("first", [1, 8, 37])
+@pytest.mark.parametrize("first", [1, 8, 9, 37])
 def test_a_resumable_row_ending_inside_a_block_continues_exactly(
         model: OnnxModel, graphs: DecodeGraphs, first: int) -> None:
-    straight = run(model, graphs, [varied(model, 1, max_new=first + 50)])[0]
-    head = run(model, graphs, [varied(model, 1, max_new=first, resumable=True)])[0]
+    """1: ends on its host-sampled first id; 9: on a block's last id (the call's own state);
+    8 and 37: inside a block (state replayed). Sampled at temperature 1 with top-p 0.9."""
+    straight = run(model, graphs, [varied(model, 2, max_new=first + 50)])[0]
+    head = run(model, graphs, [varied(model, 2, max_new=first, resumable=True)])[0]
     assert head.final is not None
     states, last, sampled = head.final
     assert (last, sampled) == (head.ids[-1], first)
-    tail = run(model, graphs, [varied(model, 1, seed_ids=np.array([last], np.int32),
+    tail = run(model, graphs, [varied(model, 2, seed_ids=np.array([last], np.int32),
                                       initial_states=states, counter_start=sampled,
                                       max_new=50)])[0]
     assert head.ids + tail.ids == straight.ids
+    assert len(set(straight.ids)) > 5  # really sampled
 
 
 def test_rows_advance_k_ids_per_call_and_one_while_a_seed_prefills(
@@ -110,7 +115,7 @@ def test_rows_advance_k_ids_per_call_and_one_while_a_seed_prefills(
     assert seen == [1, 1, 1, 8]  # K = 1 while the seed has slices left, K again after
 
 
-def test_decode_graphs_are_chosen_by_k_and_provider_and_0_means_host(
+def test_decode_graphs_are_chosen_by_k_and_0_means_host(
         model: OnnxModel) -> None:
     assert serving_decode_graphs(model, 0) is None
     assert serving_decode_graphs(model, 4) is None  # not listed: host sampling, logged

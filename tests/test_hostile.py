@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from httpx_sse import connect_sse
 
+from app.decode import serving_decode_graphs
 from app.engine.core import EngineCore
 from app.runtime import RuntimeOptions, load_model
 from tests.conftest import ROOT, Server, start_server, stop_server
@@ -196,14 +197,15 @@ def test_a_flood_of_long_seeds_leaves_running_streams_a_bounded_gap(
 
 def test_overload_admits_what_fits_the_wait_bound_and_retry_after_gets_the_rest_served(
         tiny_models: Path, tmp_path: Path) -> None:
-    # All requests are alike, so rows free in waves of 64, one every T = 3,000 iterations.
+    # All requests are alike, so rows free in waves of 64, one every T = 3,000 characters'
+    # worth of decode calls (the server's: K = 8 per call with the exported decode graph).
     # With the bound at 1.4 T the first queued wave (wait T) is admitted and the next (2 T)
     # refused: a refusal is false only if the machine ran 1.4x faster than the engine
     # predicted. A bound at a whole number of waves would make every verdict a coin toss.
-    core = EngineCore(load_model(tiny_models / "tiny", RuntimeOptions(device="cpu")),
-                      max_batch=64)
+    model = load_model(tiny_models / "tiny", RuntimeOptions(device="cpu"))
+    core = EngineCore(model, max_batch=64, decode=serving_decode_graphs(model, 8))
     core.calibrate()
-    max_wait = max(0.5, round(1.4 * 3000 * core.iteration_s, 2))
+    max_wait = max(0.5, round(1.4 * core.calls(3000) * core.iteration_s, 2))
     srv = start_server(tiny_models, tmp_path / "server.log", max_batch="64",
                        max_wait_s=str(max_wait), max_queue="1000")
     first_try: list[dict[str, Any]] = []

@@ -304,6 +304,10 @@ class EngineCore:
         # (everything rows wait for: prefill slices, admission, the GIL) to that model.
         self.step_fixed_s = 0.001
         self.step_row_s = 0.0
+        # The same for the call made while seeds prefill (the K = 1 decode graph; with host
+        # sampling, or without a K = 1 graph, the same call as always).
+        self.single_fixed_s = 0.001
+        self.single_row_s = 0.0
         self._ratios: deque[float] = deque(maxlen=self.HISTORY)
         self.factor = 1.0
         self._last_decode_at: float | None = None
@@ -337,6 +341,15 @@ class EngineCore:
         return self.factor * (self.step_fixed_s + self.step_row_s * self.max_batch)
 
     @property
+    def prefill_iteration_s(self) -> float:
+        """The same for an iteration that also prefills (its decode call is the K = 1 one)."""
+        return self.factor * (self.single_fixed_s + self.single_row_s * self.max_batch)
+
+    def calls(self, chars: int | npt.NDArray[np.int64]) -> Any:
+        """Decode calls until a row has `chars` more characters (K per call)."""
+        return -(-chars // self.chars_per_call)
+
+    @property
     def graph_files(self) -> str:
         """What decodes: the step graph, and the decode graph when one samples in the graph."""
         step = str(getattr(self.model, "graph_file", "model.onnx"))
@@ -346,7 +359,7 @@ class EngineCore:
         """Time a decode iteration (graph call, random draws, sampling) at 1 and `max_batch`
         rows for the wait predictions, so the first burst is judged at full-batch speed,
         not at an empty batch's."""
-        def timed(rows: int) -> float:
+        def timed(rows: int, graph: DecodeGraph | None) -> float:
             ids = np.zeros((rows, 1), np.int32)
             states = self.model.zero_states(rows)
             keys, counters = rng_mod.row_keys(np.arange(rows)), np.zeros(rows, np.uint64)
@@ -355,8 +368,7 @@ class EngineCore:
             times = []
             for _ in range(repeats + 1):  # the first call allocates: not counted
                 t0 = time.perf_counter()
-                if self.decode is not None:
-                    graph = self.decode.steps
+                if graph is not None:
                     graph.run(ids[:, 0], self.model.states_to_host(states), temperature, top_k,
                               top_p, block_uniforms(keys, counters, graph.steps),
                               details=False).ids.tolist()
@@ -367,10 +379,17 @@ class EngineCore:
                 times.append(time.perf_counter() - t0)
             return statistics.median(times[1:])
 
-        one = timed(1)
-        full = timed(self.max_batch) if self.max_batch > 1 else one
-        self.step_row_s = max(full - one, 0.0) / max(self.max_batch - 1, 1)
-        self.step_fixed_s = max(one - self.step_row_s, 1e-6)
+        def fit(graph: DecodeGraph | None) -> tuple[float, float]:
+            one = timed(1, graph)
+            full = timed(self.max_batch, graph) if self.max_batch > 1 else one
+            row = max(full - one, 0.0) / max(self.max_batch - 1, 1)
+            return max(one - row, 1e-6), row
+
+        main = self.decode.steps if self.decode else None
+        self.step_fixed_s, self.step_row_s = fit(main)
+        single = self.decode.single if self.decode else None
+        self.single_fixed_s, self.single_row_s = (fit(single) if single is not None else
+                                                  (self.step_fixed_s, self.step_row_s))
 
     def prefill_iterations(self, seed_chars: int) -> int:
         return -(-seed_chars // self.prefill_chunk_chars)
@@ -385,16 +404,17 @@ class EngineCore:
         if free > len(self.waiting):
             return 0.0
         per_iter = self.iteration_s or 0.001
-        per_char = per_iter / self.chars_per_call
+        per_prefill = self.prefill_iteration_s or 0.001
         now = time.perf_counter()
         # When each row frees, in seconds from now: after its remaining characters, or at
         # its time limit if that comes first.
         frees = [0.0] * max(free, 0)
         if len(self.batch):
-            frees += np.minimum(self.batch.remaining * per_char,
+            frees += np.minimum(self.calls(self.batch.remaining) * per_iter,
                                 np.maximum(self.batch.deadline - now, 0.0)).tolist()
-        frees += [min(self.prefill_iterations(len(s.params.seed_ids) - s.prefilled) * per_iter
-                      + s.params.max_new * per_char, max(s.deadline - now, 0.0))
+        frees += [min(self.prefill_iterations(len(s.params.seed_ids) - s.prefilled)
+                      * per_prefill + self.calls(s.params.max_new) * per_iter,
+                      max(s.deadline - now, 0.0))
                   for s in self.prefilling]
         # Queued seeds ahead of the newcomer will slow every iteration while they prefill
         # (prefill already under way is in the measured iteration period).
@@ -409,9 +429,9 @@ class EngineCore:
 
     def predict_run(self, params: GenerationParams) -> float:
         """Seconds a request would take once it holds a row, at the current iteration time."""
-        per_iter = self.iteration_s or 0.001
-        return (self.prefill_iterations(len(params.seed_ids)) * per_iter
-                + params.max_new * per_iter / self.chars_per_call)
+        return float(self.prefill_iterations(len(params.seed_ids))
+                     * (self.prefill_iteration_s or 0.001)
+                     + self.calls(params.max_new) * (self.iteration_s or 0.001))
 
     # --- submission -----------------------------------------------------------------------
     def admission(self, params: GenerationParams) -> tuple[float, str | None, int]:
@@ -523,9 +543,11 @@ class EngineCore:
             now = time.perf_counter()
             if self._last_decode_at is not None:
                 period = max(now - self._last_decode_at - self._judging_s, 1e-6)
-                # Per character: a K = 1 call while seeds prefill is compared at its K.
-                self._ratios.append(period / self._last_k * self.chars_per_call
-                                    / (self.step_fixed_s + self.step_row_s * rows))
+                # Each period against the call it made: K = 1 while seeds prefilled.
+                single = self._last_k == 1 < self.chars_per_call
+                expected = (self.single_fixed_s + self.single_row_s * rows if single
+                            else self.step_fixed_s + self.step_row_s * rows)
+                self._ratios.append(period / expected)
                 self.factor = max(statistics.median(self._ratios), 0.1)
                 self.chars_per_s = rows * self._last_k / period
             self._last_decode_at = now
@@ -784,16 +806,18 @@ class EngineCore:
         b.remaining -= take
         seqs, blocks, counts = b.seqs, out.ids.tolist(), take.tolist()
         ended: dict[int, tuple[str, int]] = {}  # row -> (reason, ids of the block used)
-        for i, (s, block, n) in enumerate(zip(seqs, blocks, counts, strict=True)):
-            if i in b.stop_rows:
-                for j, tok in enumerate(block[:n]):
-                    emit, stopped = s.matcher.push(tok)
-                    s.ids.extend(emit)
-                    if stopped:
-                        ended[i] = ("stop", j + 1)
-                        break
-            else:
-                s.ids.extend(block if n == k else block[:n])
+        # Stop rows first (where a stop ends the block), then details, then ids: a reader on
+        # another thread that sees an id must also see its detail (the host path's order).
+        emitted: dict[int, list[int]] = {}
+        for i in b.stop_rows:
+            s, out_ids = seqs[i], []
+            for j, tok in enumerate(blocks[i][:counts[i]]):
+                emit, stopped = s.matcher.push(tok)
+                out_ids.extend(emit)
+                if stopped:
+                    ended[i] = ("stop", j + 1)
+                    break
+            emitted[i] = out_ids
         if b.detail_rows:
             assert out.chosen_prob is not None
             assert out.top_ids is not None
@@ -801,10 +825,15 @@ class EngineCore:
             for i in b.detail_rows:
                 used = ended[i][1] if i in ended else counts[i]
                 for j in range(used):
-                    b.seqs[i].details.append(TokenDetail(
+                    seqs[i].details.append(TokenDetail(
                         prob=float(out.chosen_prob[i, j]),
                         top=list(zip(out.top_ids[i, j].tolist(),
                                      out.top_probs[i, j].tolist(), strict=True))))
+        for i, (s, block, n) in enumerate(zip(seqs, blocks, counts, strict=True)):
+            if i in emitted:
+                s.ids.extend(emitted[i])
+            else:
+                s.ids.extend(block if n == k else block[:n])
         self.touched.extend(seqs)
         for i in np.flatnonzero(b.remaining <= 0).tolist():
             ended.setdefault(i, ("length", counts[i]))
@@ -875,7 +904,11 @@ class EngineCore:
         s.sampled = sampled
         if reason in ("length", "time_limit"):
             if s.params.resumable:
-                s.final = (self.model.states_to_host(before_last()), last, sampled)
+                try:
+                    s.final = (self.model.states_to_host(before_last()), last, sampled)
+                except Exception:  # a replay's graph error: it ends without a handle
+                    log.exception("could not keep the final state of a resumable request "
+                                  "on %s", self.model.name)
             s.ids.extend(s.matcher.flush())
         self._finish(s, reason)
 
