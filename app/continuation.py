@@ -38,6 +38,9 @@ class Handle(msgspec.Struct, array_like=True):
     temperature: float
     top_k: int
     top_p: float
+    # The step graph whose state this is (model.onnx, or a variant's file): another graph
+    # would continue with another text. "" in handles issued before it was recorded.
+    graph: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -65,9 +68,10 @@ def sign(handle: Handle, key: bytes) -> str:
 
 
 def verify(token: str, key: bytes, name: str, meta: ModelMetadata, state_sizes: list[int],
-           ttl_s: float, field: str = "continuation") -> Handle:
-    """`name`: the model as served (its folder's name, which model.json's need not match)."""
-    """The handle inside `token`, or InvalidRequestError saying what is wrong with it."""
+           ttl_s: float, field: str = "continuation", graph: str | None = None) -> Handle:
+    """The handle inside `token`, or InvalidRequestError saying what is wrong with it.
+    `name`: the model as served (its folder's name, which model.json's need not match);
+    `graph`: the step graph it is served with now, when known."""
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
         raise InvalidRequestError(f"{field} is not a continuation handle from this service")
@@ -92,6 +96,11 @@ def verify(token: str, key: bytes, name: str, meta: ModelMetadata, state_sizes: 
                                   f"{ttl_s:g} s); start again from the text")
     if [len(s) for s in handle.states] != [4 * n for n in state_sizes]:
         raise InvalidRequestError(f"{field} does not fit model {meta.name!r}")
+    if handle.graph and graph and handle.graph != graph:
+        raise InvalidRequestError(
+            f"{field} was made with {handle.graph}, and {name!r} is now served with {graph} "
+            "(CHARLSTM_VARIANT): it would not continue the same text; start again from the "
+            "text")
     return handle
 
 

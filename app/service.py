@@ -411,8 +411,10 @@ class ModelService:
                 f"a continuation carries its own seed and sampling parameters; do not send "
                 f"{', '.join(clash)} with it")
         meta = served.model.meta
+        graph = served.engine.graph  # "unknown" until a process engine's first heartbeat
         handle = verify(body.continuation or "", self.continuation_key, served.model.name,
-                        meta, [st.size for st in meta.onnx.states], s.continuation_ttl_s)
+                        meta, [st.size for st in meta.onnx.states], s.continuation_ttl_s,
+                        graph=None if graph == "unknown" else graph)
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
         if not 1 <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
@@ -464,7 +466,7 @@ class ModelService:
                 model=prep.served.model.name, model_id=model_id(prep.served.model.meta),
                 issued_at=time.time(), states=states_to_bytes(states), last_id=last_id,
                 counter=counter, seed=p.seed, temperature=p.temperature, top_k=p.top_k,
-                top_p=p.top_p), self.continuation_key)
+                top_p=p.top_p, graph=prep.served.engine.graph), self.continuation_key)
         return GenerateResponse(
             continuation=continuation,
             model=prep.served.model.name, text=text,

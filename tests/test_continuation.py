@@ -82,9 +82,14 @@ def test_expired_and_foreign_handles_are_refused(inprocess: tuple[str, Any]) -> 
         assert "expired" in refused(handle(issued_at=time.time() - 10 * 86400))
         assert "another model or an earlier export" in refused(handle(model_id="0" * 16))
         assert "does not fit" in refused(handle(states=[b"\0" * 8]))
+        # A state from another graph (the int8 variant) would continue with another text.
+        assert "now served with model.onnx" in refused(handle(graph="model.int8.onnx"))
         other_key = sign(Handle("tiny", model_id(meta), time.time(),
                                 [bytes(4 * n) for n in sizes], 1, 5, 3, 1.0, 0, 1.0), b"k")
         assert "not issued by this service" in refused(other_key)
         served = c.post("/generate", json={"continuation": handle(), "max_new_chars": 5})
-    assert served.status_code == 200
+        same_graph = c.post("/generate", json={"continuation": handle(graph="model.onnx"),
+                                               "max_new_chars": 5})
+    assert served.status_code == 200  # a handle from before graphs were recorded
     assert len(served.json()["text"]) == 5
+    assert same_graph.status_code == 200
