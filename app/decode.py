@@ -26,7 +26,8 @@ from app.artifact import (
     ModelMetadata,
     read_metadata,
 )
-from app.runtime import OnnxModel, RuntimeOptions, choose_provider
+from app.runtime import OnnxModel, RuntimeOptions, choose_provider, load_model, serving_variant
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +196,13 @@ def serving_decode_graphs(model: OnnxModel, steps: int,
               if steps > 1 and 1 in specs else None)
     log.info("%s: decoding %d characters per call with %s", model.name, steps, main.spec.file)
     return DecodeGraphs(main, single)
+
+
+def load_served(model_dir: Path, settings: Settings) -> tuple[OnnxModel, DecodeGraphs | None]:
+    """A model folder as `settings` serve it: the graph CHARLSTM_VARIANT picks, opened and
+    warmed, and its decode graphs for CHARLSTM_DECODE_STEPS. Both engine drivers (the thread
+    beside `uvicorn app.main:app`, the engine process) load through here. Raises ArtifactError."""
+    options = RuntimeOptions(device=settings.device, intra_op_threads=settings.intra_op_threads)
+    model = load_model(model_dir, options, serving_variant(read_metadata(model_dir),
+                                                           settings.device, settings.variant))
+    return model, serving_decode_graphs(model, settings.decode_steps, options)

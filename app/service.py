@@ -27,7 +27,7 @@ from app.continuation import (
     states_to_bytes,
     verify,
 )
-from app.decode import serving_decode_graphs
+from app.decode import load_served
 from app.engine import (
     Engine,
     EngineClosedError,
@@ -44,7 +44,6 @@ from app.errors import (
 )
 from app.manifest import POLL_S, ServedVersion, read_manifest
 from app.metrics import Metrics, ModelObserver
-from app.runtime import RuntimeOptions, load_model, serving_variant
 from app.schemas import (
     NATIVE_NAMES,
     Alternative,
@@ -171,16 +170,10 @@ class ModelService:
             self.generation = manifest.generation
         else:
             for folder in discover(s.models_dir):
-                options = RuntimeOptions(device=s.device, intra_op_threads=s.intra_op_threads)
-                model = load_model(folder, options,
-                                   serving_variant(read_metadata(folder), s.device, s.variant))
+                model, decode = load_served(folder, s)
                 spec = ModelSpec(model.name, folder, model.meta, model.vocab)
                 observer = self.metrics.observer(spec.name)
-                engine = Engine(model, max_batch=s.max_batch, max_queue=s.max_queue,
-                                max_wait_s=s.max_wait_s, observer=observer,
-                                prefill_chunk_chars=s.prefill_chunk_chars,
-                                state_cache_bytes=int(s.state_cache_mb * 2**20),
-                                decode=serving_decode_graphs(model, s.decode_steps, options))
+                engine = Engine(model, observer=observer, decode=decode, **s.engine_limits())
                 self.models[spec.name] = Served(spec, engine, observer)
         if self.settings.default_model not in self.models:
             raise ArtifactError(

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class EngineLimits(TypedDict):
+    """What an engine (either driver) takes from the settings."""
+
+    max_batch: int
+    max_queue: int
+    max_wait_s: float
+    prefill_chunk_chars: int
+    state_cache_bytes: int
 
 
 class Settings(BaseSettings):
@@ -89,6 +99,12 @@ class Settings(BaseSettings):
         None, description="set by `python -m app` for its workers: the folder of the engine "
         "processes' sockets. Unset (as under `uvicorn app.main:app`), every model's engine "
         "runs on a thread inside the one process")
+
+    def engine_limits(self) -> EngineLimits:
+        return EngineLimits(max_batch=self.max_batch, max_queue=self.max_queue,
+                            max_wait_s=self.max_wait_s,
+                            prefill_chunk_chars=self.prefill_chunk_chars,
+                            state_cache_bytes=int(self.state_cache_mb * 2**20))
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -49,9 +49,8 @@ from bench.common import (
     load_average,
     machine_facts,
     md_table,
-    result_stem,
     shown,
-    write_json,
+    write_results,
 )
 
 PRIME_CHARS = 20
@@ -280,11 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                  agreement_rows=500 if args.quick else args.agreement_rows, out=args.out,
                  quick=args.quick)
     report = run(cfg)
-    stem = result_stem(cfg.out, "ceiling", "-quick" if cfg.quick else "")
-    write_json(stem.parent / f"{stem.name}.json", report)
-    text = markdown(report)
-    (stem.parent / f"{stem.name}.md").write_text(text, encoding="utf-8")
-    print(text)
+    write_results(cfg.out, "ceiling", cfg.quick, report, markdown(report))
     return 0
 
 

@@ -40,8 +40,7 @@ from bench.common import (
     load_average,
     machine_facts,
     md_table,
-    result_stem,
-    write_json,
+    write_results,
 )
 from bench.serving import run_checked
 
@@ -192,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(batches=args.batches, rounds=2 if args.quick else args.rounds,
                  corpus=args.corpus, out=args.out, quick=args.quick)
     report = run(cfg)
-    stem = result_stem(cfg.out, "cells", "-quick" if cfg.quick else "")
-    write_json(stem.parent / f"{stem.name}.json", report)
-    text = markdown(report)
-    (stem.parent / f"{stem.name}.md").write_text(text, encoding="utf-8")
-    print(text)
+    write_results(cfg.out, "cells", cfg.quick, report, markdown(report))
     return 0
 
 

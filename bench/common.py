@@ -100,6 +100,19 @@ def result_stem(out: Path, bench: str, suffix: str = "") -> Path:
     return out / f"{bench}-{host}-{time.strftime('%Y%m%d')}{suffix}"
 
 
+def write_results(out: Path, bench: str, quick: bool, report: Any,
+                  text: str) -> tuple[Path, Path]:
+    """<bench>-<host>-<YYYYMMDD>[-quick].json (the report) and .md (`text`), the Markdown also
+    printed; returns both paths."""
+    stem = result_stem(out, bench, "-quick" if quick else "")
+    # Not with_suffix: a dotted host name would lose its last part.
+    json_path, md_path = (stem.parent / f"{stem.name}.{ext}" for ext in ("json", "md"))
+    write_json(json_path, report)
+    md_path.write_text(text, encoding="utf-8")
+    print(text)
+    return json_path, md_path
+
+
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -56,9 +56,8 @@ from bench.common import (
     load_average,
     machine_facts,
     md_table,
-    result_stem,
     shown,
-    write_json,
+    write_results,
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -997,15 +996,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as exc:  # a bad model folder, or --device cuda without a GPU build
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stem = result_stem(cfg.out, "decode", "-quick" if cfg.quick else "")
-    # Not with_suffix: a dotted host name would lose its last part.
-    json_path, md_path, png_path = (stem.parent / f"{stem.name}.{ext}"
-                                    for ext in ("json", "md", "png"))
-    write_json(json_path, report)
-    text = markdown(report)
-    md_path.write_text(text, encoding="utf-8")
+    json_path, md_path = write_results(cfg.out, "decode", cfg.quick, report, markdown(report))
+    png_path = md_path.with_name(md_path.name[:-len(".md")] + ".png")
     plot(report, png_path)
-    print(text)
     log(f"wrote {json_path}, {md_path.name}, {png_path.name}")
     return 0
 

@@ -51,9 +51,8 @@ from bench.common import (
     load_average,
     machine_facts,
     md_table,
-    result_stem,
     shown,
-    write_json,
+    write_results,
 )
 from bench.decode import free_port, parse_metrics, raise_open_files_limit, raw_round
 
@@ -1088,12 +1087,7 @@ def config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     cfg = config(parse_args(argv))
     report = run(cfg)
-    stem = result_stem(cfg.out, "serving", "-quick" if cfg.quick else "")
-    json_path, md_path = (stem.parent / f"{stem.name}.{ext}" for ext in ("json", "md"))
-    write_json(json_path, report)
-    text = markdown(report)
-    md_path.write_text(text, encoding="utf-8")
-    print(text)
+    json_path, md_path = write_results(cfg.out, "serving", cfg.quick, report, markdown(report))
     log(f"wrote {json_path} and {md_path.name}")
     return 0
 

@@ -26,8 +26,7 @@ from bench.common import (
     load_average,
     machine_facts,
     md_table,
-    result_stem,
-    write_json,
+    write_results,
 )
 from bench.decode import free_port
 
@@ -110,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         "cache_metrics": hits, "machine": machine_facts(),
         "load_average": {"before": load_before, "after": load_average()},
     }
-    stem = result_stem(args.out, "state-cache", "-quick" if args.quick else "")
-    write_json(stem.with_suffix(".json"), report)
     rows = [[name, server_summary[name]["p50"], server_summary[name]["p90"],
              summary[name]["p50"], summary[name]["p90"]] for name in names]
     md = (f"# State cache: a {args.seed_chars}-character seed sent again\n\n"
@@ -124,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                      rows)
           + f"\n\nMedian speed-up (server): {speedup:.1f}x. Cache counters at the end: "
           + ", ".join(f"`{h}`" for h in hits) + "\n")
-    stem.with_suffix(".md").write_text(md, encoding="utf-8")
-    print(md)
+    write_results(args.out, "state-cache", args.quick, report, md)
     return 0
 
 

@@ -20,9 +20,9 @@ import msgspec
 import numpy as np
 import zmq
 
-from app.artifact import ArtifactError, read_metadata
+from app.artifact import ArtifactError
 from app.continuation import states_from_bytes, states_to_bytes
-from app.decode import serving_decode_graphs
+from app.decode import load_served
 from app.engine.core import EngineCore, GenerationParams, Sequence
 from app.engine.messages import (
     Abort,
@@ -39,7 +39,6 @@ from app.engine.messages import (
 )
 from app.lifecycle import alive_file, die_with_parent
 from app.metrics import Metrics
-from app.runtime import RuntimeOptions, load_model, serving_variant
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -308,12 +307,7 @@ def main(model_dir: Path, address: str, settings: Settings,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        options = RuntimeOptions(device=settings.device,
-                                 intra_op_threads=settings.intra_op_threads)
-        model = load_model(model_dir, options,
-                           serving_variant(read_metadata(model_dir), settings.device,
-                                           settings.variant))
-        decode = serving_decode_graphs(model, settings.decode_steps, options)
+        model, decode = load_served(model_dir, settings)
     except ArtifactError as exc:
         # The supervisor sees the exit code and stops start-up (or refuses a reload); this
         # is the reason.
@@ -323,10 +317,7 @@ def main(model_dir: Path, address: str, settings: Settings,
             print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     observer = Metrics().observer(model.name)
-    core = EngineCore(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                      prefill_chunk_chars=settings.prefill_chunk_chars,
-                      max_wait_s=settings.max_wait_s, observer=observer,
-                      state_cache_bytes=int(settings.state_cache_mb * 2**20), decode=decode)
+    core = EngineCore(model, observer=observer, decode=decode, **settings.engine_limits())
     core.calibrate()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
