@@ -17,15 +17,11 @@ from app.api import ERROR_RESPONSES, Svc
 from app.auth import requires_key
 from app.errors import ForbiddenError, NotSupportedError, UnavailableError
 from app.manifest import ReloadReport, request_reload
-from app.reload import ENGINE_START_TIMEOUT_S
 from app.schemas import ErrorBody
 
 router = APIRouter(dependencies=[Depends(requires_key)], responses={
     **ERROR_RESPONSES, 403: {"model": ErrorBody}, 501: {"model": ErrorBody}})
 
-# A round waits for every new engine to load and warm (at most ENGINE_START_TIMEOUT_S each,
-# in parallel), and for the round already running, if any.
-REPLY_TIMEOUT_S = 2 * ENGINE_START_TIMEOUT_S + 10
 
 
 def from_loopback(request: Request) -> bool:
@@ -58,7 +54,9 @@ async def reload_models(request: Request, svc: Svc) -> ReloadReport:
         raise NotSupportedError(
             "hot reload needs the process layout of `python -m app`; this server runs "
             "`uvicorn app.main:app` (engines on threads): restart it to load new models")
-    report = await request_reload(settings.engine_dir, REPLY_TIMEOUT_S)
+    # A round waits for every new engine to load and warm (each at most the start timeout,
+    # in parallel), and for the round already running, if any.
+    report = await request_reload(settings.engine_dir, 2 * settings.engine_start_timeout_s + 10)
     if report is None:
         raise UnavailableError("the supervisor did not answer the reload request in time; "
                                "see its log", retry_after=5)

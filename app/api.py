@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from app.auth import requires_key, tenant
-from app.errors import ClientGoneError, UnavailableError, error_body, error_response
+from app.errors import UnavailableError, error_response
+from app.replies import NativeFormat, json_reply, sse_response
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
-from app.service import ModelService, Prepared
+from app.service import ModelService
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)
@@ -35,41 +30,6 @@ protected = APIRouter(dependencies=[Depends(requires_key)], responses=ERROR_RESP
 open_routes = APIRouter()
 
 
-T = TypeVar("T")
-
-
-async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`, cancelling it if the client goes away first (a JSON reply has no stream
-    to fail on, so watch the connection for http.disconnect instead)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            # service.run cancels the engine request on the way out; awaiting it here means
-            # the row is flagged before this handler returns, and no result is read from a
-            # task that never produced one.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise ClientGoneError
-    return task.result()
-
-
-def data_event(payload: dict[str, Any]) -> bytes:
-    """One `data:` event. orjson on the hot path (one call per chunk per stream); its JSON
-    escapes every newline, so the payload is a single SSE data line as the format needs."""
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
 def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
     return body.stream or "text/event-stream" in (accept or "")
 
@@ -84,43 +44,12 @@ def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
 async def generate(body: GenerateRequest, svc: Svc, request: Request,
                    accept: Annotated[str | None, Header()] = None) -> Response:
     stream = wants_stream(body, accept)
-    prep = svc.prepare(body, stream, scope=tenant(request))
+    job = svc.prepare(body, stream, scope=tenant(request))
+    events = await svc.open(job, idle_s=svc.settings.keepalive_s)  # 429 / 503 here
     if not stream:
-        result = await until_disconnected(request, svc.run(prep))
-        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
-    req = await svc.submit(prep)  # 429 / 503 here, before the stream starts
-    return StreamingResponse(
-        sse_stream(svc, prep, req), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-async def sse_stream(svc: ModelService, prep: Prepared, req: Any) -> AsyncIterator[bytes]:
-    """Chunks as `data:` events, then an `error` event if one happened, then `done`."""
-    svc.open_streams += 1
-    try:
-        async for event in _sse_events(svc, prep, req):
-            yield event
-    finally:
-        svc.open_streams -= 1
-
-
-async def _sse_events(svc: ModelService, prep: Prepared, req: Any) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in svc.chunks(prep, req, svc.settings.keepalive_s):
-            if chunk is None:
-                yield KEEPALIVE_COMMENT
-            else:
-                yield data_event(chunk)
-    except Exception as exc:  # never cut the stream silently: tell the client, then finish
-        req.cancel()
-        yield format_sse_event(event="error", data_str=json.dumps(
-            error_body("internal_error", f"stream failed: {type(exc).__name__}")))
-    summary = svc.response(prep, req)
-    if summary.error:
-        yield format_sse_event(event="error", data_str=json.dumps(
-            error_body("generation_error", summary.error)))
-    yield format_sse_event(event="done", data_str=summary.model_dump_json(exclude_none=True))
+        summary = svc.summary(await json_reply(request, svc, job, events))
+        return JSONResponse(summary.model_dump(mode="json", exclude_none=True))
+    return sse_response(svc, job, events, NativeFormat())
 
 
 @protected.get("/models", response_model=ModelList, tags=["models"])
@@ -162,7 +91,5 @@ async def ready(svc: Svc) -> JSONResponse:
 @open_routes.get("/metrics", tags=["ops"], summary="Prometheus metrics",
                  response_class=Response)
 async def metrics(request: Request, svc: Svc) -> Response:
-    for served in svc.models.values():  # gauges that change between engine events
-        served.engine.refresh_metrics()
     return Response(request.app.state.metrics.render(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.artifact import ModelMetadata
+from app.engine.messages import Sampling
 from app.errors import InvalidRequestError
 
 PREFIX = "ct1"
@@ -34,10 +35,7 @@ class Handle(msgspec.Struct, array_like=True):
     states: list[bytes]  # float32 (1, size) per state tensor, in model.json order
     last_id: int
     counter: int  # characters sampled so far (the random stream's position)
-    seed: int
-    temperature: float
-    top_k: int
-    top_p: float
+    sampling: Sampling
     # The step graph whose state this is (model.onnx, or a variant's file): another graph
     # would continue with another text. "" in handles issued before it was recorded.
     graph: str = ""
@@ -67,11 +65,7 @@ def sign(handle: Handle, key: bytes) -> str:
     return f"{PREFIX}.{_b64(payload)}.{_b64(mac)}"
 
 
-def verify(token: str, key: bytes, name: str, meta: ModelMetadata, state_sizes: list[int],
-           ttl_s: float, field: str = "continuation", graph: str | None = None) -> Handle:
-    """The handle inside `token`, or InvalidRequestError saying what is wrong with it.
-    `name`: the model as served (its folder's name, which model.json's need not match);
-    `graph`: the step graph it is served with now, when known."""
+def _open(token: str, key: bytes, field: str) -> Handle:
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
         raise InvalidRequestError(f"{field} is not a continuation handle from this service")
@@ -87,6 +81,20 @@ def verify(token: str, key: bytes, name: str, meta: ModelMetadata, state_sizes: 
         handle = _decoder.decode(payload)
     except msgspec.DecodeError:
         raise InvalidRequestError(f"{field} is damaged") from None
+    return handle
+
+
+def handle_model(token: str, key: bytes, field: str = "continuation") -> str:
+    """The model a handle belongs to (checked: it was issued by this service)."""
+    return _open(token, key, field).model
+
+
+def verify(token: str, key: bytes, name: str, meta: ModelMetadata, state_sizes: list[int],
+           ttl_s: float, field: str = "continuation", graph: str | None = None) -> Handle:
+    """The handle inside `token`, or InvalidRequestError saying what is wrong with it.
+    `name`: the model as served (its folder's name, which model.json's need not match);
+    `graph`: the step graph it is served with now, when known."""
+    handle = _open(token, key, field)
     if handle.model != name or handle.model_id != model_id(meta):
         raise InvalidRequestError(f"{field} belongs to another model or an earlier export of "
                                   f"{handle.model!r}; start again from the text")

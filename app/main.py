@@ -37,9 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", exc)
             raise RuntimeError(f"cannot start: {exc}") from None
         svc.start()
+        await svc.engines_up(timeout_s=60.0)
         follower = None
         if settings.engine_dir is not None:
-            await svc.engines_up(timeout_s=60.0)
             follower = asyncio.ensure_future(svc.follow())
         else:
             log.info("hot reload is off in this process layout (engines on threads): restart "

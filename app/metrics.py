@@ -18,7 +18,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from app.engine import Sequence
+from app.engine.batch import Sequence
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

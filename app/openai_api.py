@@ -11,19 +11,19 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.sse import KEEPALIVE_COMMENT
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.api import ERROR_RESPONSES, Svc, data_event, until_disconnected
+from app.api import ERROR_RESPONSES, Svc
 from app.auth import requires_key, tenant
-from app.engine import Request as EngineRequest
+from app.engine.messages import Detail
 from app.errors import InvalidRequestError, error_body
+from app.replies import data_event, json_reply, sse_response
 from app.schemas import (
+    CharDetail,
     FieldNames,
     GenerateRequest,
     GenerateResponse,
@@ -33,7 +33,7 @@ from app.schemas import (
     TopP,
     number_in,
 )
-from app.service import ModelService, Prepared
+from app.service import Reply
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(requires_key)], responses=ERROR_RESPONSES,
                    tags=["openai"])
@@ -107,17 +107,22 @@ class ModelCardList(BaseModel):
     data: list[ModelCard]
 
 
-def _logprobs(result: GenerateResponse, top: int, offset: int) -> dict[str, Any] | None:
-    if result.details is None:
-        return None
-    tokens = [d.char for d in result.details]
+def logprobs(chars: list[str], probs: list[float], tops: list[list[tuple[str, float]]] | None,
+             offset: int) -> dict[str, Any]:
+    """OpenAI's legacy logprobs object for characters starting at text offset `offset`."""
     return {
-        "tokens": tokens,
-        "token_logprobs": [math.log(max(d.prob, 1e-45)) for d in result.details],
-        "top_logprobs": [{a.char: math.log(max(a.prob, 1e-45)) for a in d.top[:top]}
-                         for d in result.details] if top else None,
-        "text_offset": [offset + i for i in range(len(tokens))],
+        "tokens": chars,
+        "token_logprobs": [math.log(max(p, 1e-45)) for p in probs],
+        "top_logprobs": [{c: math.log(max(p, 1e-45)) for c, p in top} for top in tops]
+        if tops is not None else None,
+        "text_offset": [offset + i for i in range(len(chars))],
     }
+
+
+def detail_logprobs(details: list[CharDetail], top: int, offset: int) -> dict[str, Any]:
+    return logprobs([d.char for d in details], [d.prob for d in details],
+                    [[(a.char, a.prob) for a in d.top[:top]] for d in details] if top else None,
+                    offset)
 
 
 def _usage(result: GenerateResponse) -> dict[str, int]:
@@ -131,6 +136,54 @@ async def list_models(svc: Svc) -> ModelCardList:
                                for name, s in sorted(svc.models.items())])
 
 
+class CompletionFormat:
+    """`/v1/completions` streamed: OpenAI's chunks, then `data: [DONE]`."""
+
+    def __init__(self, body: CompletionRequest, model: str, seed_text: str) -> None:
+        self.body = body
+        self.model = model
+        self.seed_text = seed_text
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.offset = 0
+
+    def chunk(self, text: str, finish: str | None, logprobs: Any = None,
+              usage: dict[str, int] | None = None) -> bytes:
+        payload: dict[str, Any] = {
+            "id": self.id, "object": "text_completion", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                         "finish_reason": finish}] if usage is None else [],
+        }
+        if usage is not None:
+            payload["usage"] = usage
+        return data_event(payload)
+
+    def start(self) -> list[bytes]:
+        if self.body.echo and self.seed_text:
+            self.offset = len(self.seed_text)
+            return [self.chunk(self.seed_text, None)]
+        return []
+
+    def chars(self, reply: Reply, ids: list[int], details: list[Detail] | None) -> bytes:
+        text = reply.job.served.model.vocab.decode(ids)
+        lp = None
+        if self.body.logprobs is not None and details is not None:
+            lp = detail_logprobs(reply.char_details(ids, details), self.body.logprobs,
+                                 self.offset)
+        self.offset += len(text)
+        return self.chunk(text, None, lp)
+
+    def error(self, type_: str, message: str) -> bytes:
+        return data_event(error_body(type_, message))
+
+    def end(self, summary: GenerateResponse) -> list[bytes]:
+        out = [self.chunk("", OPENAI_FINISH.get(summary.finish_reason, "stop"))]
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            out.append(self.chunk("", None, usage=_usage(summary)))
+        return [*out, b"data: [DONE]\n\n"]
+
+
 @router.post(
     "/completions", summary="OpenAI-compatible text completion (a token is a character)",
     responses={200: {"content": {
@@ -139,76 +192,16 @@ async def list_models(svc: Svc) -> ModelCardList:
                               "with stream=true: `data: {...}` chunks, then `data: [DONE]`"}}}},
 )
 async def completions(body: CompletionRequest, svc: Svc, request: Request) -> Response:
-    native = body.to_generate()
-    prep = svc.prepare(native, body.stream, V1_NAMES, scope=tenant(request))
-    cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if not body.stream:
-        result = await until_disconnected(request, svc.run(prep))
-        prefix = prep.seed_text if body.echo else ""
-        choice = {"index": 0, "text": prefix + result.text,
-                  "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop"),
-                  "logprobs": _logprobs(result, body.logprobs or 0, len(prefix))}
-        return JSONResponse({"id": cid, "object": "text_completion", "created": created,
-                             "model": prep.served.model.name, "choices": [choice],
-                             "usage": _usage(result)})
-    req = await svc.submit(prep)
-    return StreamingResponse(
-        _stream(svc, prep, req, body, cid, created), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _stream(svc: ModelService, prep: Prepared, req: EngineRequest,
-                  body: CompletionRequest, cid: str, created: int) -> AsyncIterator[bytes]:
-    name = prep.served.model.name
-
-    def chunk(text: str, finish: str | None, logprobs: Any = None,
-              usage: dict[str, int] | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": cid, "object": "text_completion", "created": created, "model": name,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish}] if usage is None else [],
-        }
-        if usage is not None:
-            payload["usage"] = usage
-        return data_event(payload)
-
-    svc.open_streams += 1  # a drain waits for this stream's last chunk, as for /generate's
-    try:
-        offset = 0
-        if body.echo and prep.seed_text:
-            yield chunk(prep.seed_text, None)
-            offset = len(prep.seed_text)
-        try:
-            async for part in svc.chunks(prep, req, svc.settings.keepalive_s):
-                if part is None:
-                    yield KEEPALIVE_COMMENT
-                    continue
-                yield chunk(part["text"], None, _chunk_logprobs(part, body, offset))
-                offset += len(part["text"])
-        except Exception as exc:  # never cut the stream silently: say so, then finish
-            req.cancel()
-            yield data_event(error_body("internal_error", f"stream failed: "
-                                                          f"{type(exc).__name__}"))
-        result = svc.response(prep, req)
-        if result.error:
-            yield data_event(error_body("generation_error", result.error))
-        yield chunk("", OPENAI_FINISH.get(result.finish_reason, "stop"))
-        if body.stream_options and body.stream_options.include_usage:
-            yield chunk("", None, usage=_usage(result))
-        yield b"data: [DONE]\n\n"
-    finally:
-        svc.open_streams -= 1
-
-
-def _chunk_logprobs(part: dict[str, Any], body: CompletionRequest, offset: int
-                    ) -> dict[str, Any] | None:
-    if body.logprobs is None or "details" not in part:
-        return None
-    top = body.logprobs
-    details = part["details"]
-    return {"tokens": [d["char"] for d in details],
-            "token_logprobs": [math.log(max(d["prob"], 1e-45)) for d in details],
-            "top_logprobs": [{a["char"]: math.log(max(a["prob"], 1e-45)) for a in d["top"][:top]}
-                             for d in details] if top else None,
-            "text_offset": [offset + i for i in range(len(details))]}
+    job = svc.prepare(body.to_generate(), body.stream, V1_NAMES, scope=tenant(request))
+    fmt = CompletionFormat(body, job.served.model.name, job.seed_text)
+    events = await svc.open(job, idle_s=svc.settings.keepalive_s)  # 429 / 503 here
+    if body.stream:
+        return sse_response(svc, job, events, fmt)
+    result = svc.summary(await json_reply(request, svc, job, events))
+    prefix = job.seed_text if body.echo else ""
+    choice = {"index": 0, "text": prefix + result.text,
+              "finish_reason": OPENAI_FINISH.get(result.finish_reason, "stop"),
+              "logprobs": detail_logprobs(result.details, body.logprobs or 0, len(prefix))
+              if result.details is not None else None}
+    return JSONResponse({"id": fmt.id, "object": "text_completion", "created": fmt.created,
+                         "model": fmt.model, "choices": [choice], "usage": _usage(result)})

@@ -47,7 +47,7 @@ from app.artifact import (
     check_inside,
     read_metadata,
 )
-from app.engine.remote import engine_address
+from app.engine.client import engine_address
 from app.manifest import (
     Manifest,
     Refusal,
@@ -60,7 +60,6 @@ from app.runtime import check_graph_file
 
 log = logging.getLogger("app.reload")
 
-ENGINE_START_TIMEOUT_S = 300.0
 REMOVE_AFTER_S = 2.0
 # A retiring engine ends what it still runs at CHARLSTM_DRAIN_S and exits; past this margin
 # beyond the drain it is killed.
@@ -211,12 +210,13 @@ class Reloader:
     `tick` advances rounds, promotions and retirements without ever blocking on an engine."""
 
     def __init__(self, host: EngineHost, models_dir: Path, run_dir: Path, default_model: str,
-                 drain_s: float) -> None:
+                 drain_s: float, start_timeout_s: float = 300.0) -> None:
         self.host = host
         self.models_dir = models_dir
         self.run_dir = run_dir
         self.default_model = default_model
         self.drain_s = drain_s
+        self.start_timeout_s = start_timeout_s  # CHARLSTM_ENGINE_START_TIMEOUT_S
         self.current: dict[str, Version] = {}  # serving: in the manifest
         self.loading: dict[str, Version] = {}  # engines loading a new version
         self.retiring: list[Version] = []
@@ -372,11 +372,11 @@ class Reloader:
             self.host.engine_exited(proc)
             self._refuse(version.name, version.source, version.load_error(), version.fingerprint)
             version.discard()
-        elif now - version.started_at > ENGINE_START_TIMEOUT_S:
+        elif now - version.started_at > self.start_timeout_s:
             proc.kill()
             del self.loading[version.name]
             self._refuse(version.name, version.source, f"its engine did not load it within "
-                         f"{ENGINE_START_TIMEOUT_S:.0f} s", version.fingerprint)
+                         f"{self.start_timeout_s:.0f} s", version.fingerprint)
             version.discard()
 
     def _promote(self, version: Version) -> None:

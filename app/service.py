@@ -1,45 +1,49 @@
-"""Serving layer: loaded models and their engines, request validation, text <-> ids, replies.
+"""Serving layer: the models served and their engine clients, a request's checks and its one
+`GenerationRequest`, and the stream of events it produces.
 
-Routers stay thin: they call into `ModelService`, which raises domain errors from
-app.errors; the HTTP mapping lives in one place (app/errors.py).
+Routes stay thin: `prepare` (422s) -> `open` (429 / 503, before any byte of the reply) ->
+read the events (app/replies.py formats them as JSON or server-sent events). Domain errors come
+from app/errors.py, which maps them to HTTP in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.artifact import ArtifactError, ModelMetadata, check_inside, read_metadata
-from app.continuation import (
-    Handle,
-    model_id,
-    sign,
-    states_from_bytes,
-    states_to_bytes,
-    verify,
-)
+from app.continuation import Handle, handle_model, model_id, sign, verify
 from app.decode import load_served
-from app.engine import (
-    Engine,
-    EngineClosedError,
-    GenerationParams,
-    QueueFullError,
-    Request,
+from app.engine.client import (
+    EngineClient,
+    EngineUnavailableError,
+    RefusedError,
+    ThreadEngine,
+    make_client,
 )
-from app.engine.remote import RemoteEngine
+from app.engine.core import EngineCore
+from app.engine.messages import (
+    SAMPLING_FIELDS,
+    Chars,
+    Detail,
+    Event,
+    Finished,
+    GenerationRequest,
+    Sampling,
+)
 from app.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
+    ServiceError,
     UnavailableError,
 )
 from app.manifest import POLL_S, ServedVersion, read_manifest
@@ -83,46 +87,48 @@ class ModelSpec:
     version: int = 1  # under `python -m app`: one more per hot reload (app/reload.py)
 
 
-class EngineHandle(Protocol):
-    """A model's engine as the service drives it: a thread beside the event loop
-    (app.engine.local) or a process of its own (app.engine.remote)."""
-
-    @property
-    def alive(self) -> bool: ...
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def active(self) -> int: ...
-    @property
-    def predicted_wait_s(self) -> float: ...
-    @property
-    def chars_per_s(self) -> float: ...
-    @property
-    def provider(self) -> str: ...
-    @property
-    def graph(self) -> str: ...
-    @property
-    def decode_graph(self) -> str | None: ...
-    def start(self) -> None: ...
-    async def submit(self, params: GenerationParams) -> Request: ...
-    async def drain(self, grace_s: float) -> bool: ...
-    def close(self) -> None: ...
-    def refresh_metrics(self) -> None: ...
-
-
 @dataclass
 class Served:
     model: ModelSpec
-    engine: EngineHandle
+    engine: EngineClient
     observer: ModelObserver
 
 
 @dataclass
-class Prepared:
+class Job:
+    """A checked request: its model and the one GenerationRequest the engine runs."""
+
     served: Served
-    params: GenerationParams
-    seed_text: str
+    request: GenerationRequest
+    seed_text: str  # as the model sees it
     lowercased: bool
+
+
+class Reply:
+    """What a request's events add up to: the ids and details so far, and how it finished."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.ids: list[int] = []
+        self.details: list[Detail] = []
+        self.finished: Finished | None = None
+
+    def add(self, event: Event | None) -> tuple[list[int], list[Detail] | None] | None:
+        """Take one event; the new (ids, details) when it brought characters."""
+        if isinstance(event, Chars):
+            self.ids.extend(event.ids)
+            if event.details is not None:
+                self.details.extend(event.details)
+            return event.ids, event.details
+        if isinstance(event, Finished):
+            self.finished = event
+        return None
+
+    def char_details(self, ids: list[int], details: list[Detail]) -> list[CharDetail]:
+        chars = self.job.served.model.vocab.chars
+        return [CharDetail(char=chars[i], prob=p,
+                           top=[Alternative(char=chars[t], prob=q) for t, q in top])
+                for i, (p, top) in zip(ids, details, strict=False)]
 
 
 def discover(models_dir: Path) -> list[Path]:
@@ -138,6 +144,12 @@ def discover(models_dir: Path) -> list[Path]:
     return found
 
 
+def sampling_from(body: BaseModel, seed: int) -> Sampling:
+    """The body's sampling fields, by name (a new one needs no copying code here)."""
+    values = {f: getattr(body, f) for f in SAMPLING_FIELDS if f != "seed"}
+    return Sampling(**values, seed=seed)
+
+
 class ModelService:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -150,37 +162,38 @@ class ModelService:
         # Hot reload (engine processes only): the manifest generation served, and the
         # replaced versions still finishing their requests.
         self.generation = 0
-        self.retiring: dict[EngineHandle, asyncio.Task[None]] = {}
+        self.retiring: dict[EngineClient, asyncio.Task[None]] = {}
         self._sync_lock = asyncio.Lock()
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
-        """Every model: with engine processes (CHARLSTM_ENGINE_DIR, set by the supervisor)
-        the versions its manifest names (metadata read, engines connected); otherwise every
-        model folder, loaded here (validated, graph checked, warmed up) with its engine on a
-        thread. Any failure stops start-up. Loading twice is a no-op."""
+        """Every model, and its engine client (not yet started): with engine processes
+        (CHARLSTM_ENGINE_DIR, set by the supervisor) the versions its manifest names;
+        otherwise every model folder, loaded here (validated, graph checked, warmed up) with
+        its engine loop on a thread. Any failure stops start-up. Loading twice is a no-op."""
         if self.models:
             return
         s = self.settings
         if s.engine_dir is not None:
             manifest = read_manifest(s.engine_dir)
             for entry in manifest.models.values():
-                spec, remote = self._version(entry)
-                self.models[spec.name] = Served(spec, remote, self.metrics.observer(spec.name))
+                spec = self._spec(entry)
+                client = make_client(spec.name, entry.address, s.client_timings())
+                self.models[spec.name] = Served(spec, client, self.metrics.observer(spec.name))
             self.generation = manifest.generation
         else:
             for folder in discover(s.models_dir):
                 model, decode = load_served(folder, s)
                 spec = ModelSpec(model.name, folder, model.meta, model.vocab)
                 observer = self.metrics.observer(spec.name)
-                engine = Engine(model, observer=observer, decode=decode, **s.engine_limits())
-                self.models[spec.name] = Served(spec, engine, observer)
-        if self.settings.default_model not in self.models:
+                core = EngineCore(model, observer=observer, decode=decode, **s.engine_limits())
+                thread = ThreadEngine(core, model.provider, model.graph_file, s.loop_timings())
+                client = make_client(spec.name, thread.address, s.client_timings(), thread)
+                self.models[spec.name] = Served(spec, client, observer)
+        if s.default_model not in self.models:
             raise ArtifactError(
-                f"default model {self.settings.default_model!r} is not in "
-                f"{self.settings.models_dir} (found: {', '.join(self.models)}); set "
-                "CHARLSTM_DEFAULT_MODEL"
-            )
+                f"default model {s.default_model!r} is not in {s.models_dir} (found: "
+                f"{', '.join(self.models)}); set CHARLSTM_DEFAULT_MODEL")
 
     def start(self) -> None:
         for served in self.models.values():
@@ -188,12 +201,10 @@ class ModelService:
         self.started = True
 
     async def engines_up(self, timeout_s: float) -> bool:
-        """Wait for every engine process's first heartbeat (they were started before us)."""
-        ok = True
-        for served in self.models.values():
-            if isinstance(served.engine, RemoteEngine):
-                ok &= await served.engine.wait_alive(timeout_s)
-        return ok
+        """Wait for every engine's first heartbeat."""
+        results = await asyncio.gather(*(s.engine.wait_alive(timeout_s)
+                                         for s in self.models.values()))
+        return all(results)
 
     @property
     def dead_engines(self) -> list[str]:
@@ -262,20 +273,21 @@ class ModelService:
             if old is not None and old.model.version == entry.version:
                 continue
             try:
-                spec, remote = self._version(entry)
+                spec = self._spec(entry)
             except ArtifactError as exc:
                 log.error("cannot serve %s version %d: %s", entry.name, entry.version, exc)
                 complete = False
                 continue
-            remote.start()
-            if not await remote.wait_alive(NEW_ENGINE_TIMEOUT_S):
+            client = make_client(spec.name, entry.address, self.settings.client_timings())
+            client.start()
+            if not await client.wait_alive(NEW_ENGINE_TIMEOUT_S):
                 log.error("the engine of %s version %d does not answer; trying again",
                           entry.name, entry.version)
-                remote.close()
+                client.close()
                 complete = False
                 continue
             observer = old.observer if old else self.metrics.observer(spec.name)
-            self.models[spec.name] = Served(spec, remote, observer)
+            self.models[spec.name] = Served(spec, client, observer)
             log.info("serving %s version %d", spec.name, spec.version)
             if old is not None:
                 self._retire(old.engine)
@@ -284,12 +296,12 @@ class ModelService:
             self._retire(self.models.pop(name).engine)
         return complete
 
-    def _version(self, entry: ServedVersion) -> tuple[ModelSpec, RemoteEngine]:
+    @staticmethod
+    def _spec(entry: ServedVersion) -> ModelSpec:
         meta = read_metadata(entry.dir)
-        spec = ModelSpec(entry.name, entry.dir, meta, meta.vocabulary(), entry.version)
-        return spec, RemoteEngine(entry.name, entry.address)
+        return ModelSpec(entry.name, entry.dir, meta, meta.vocabulary(), entry.version)
 
-    def _retire(self, engine: EngineHandle) -> None:
+    def _retire(self, engine: EngineClient) -> None:
         async def retire() -> None:
             try:
                 await engine.drain(self.settings.drain_s + RETIRE_MARGIN_S)
@@ -335,14 +347,14 @@ class ModelService:
             active_rows=served.engine.active, waiting=served.engine.waiting,
         )
 
-    # --- generation -----------------------------------------------------------------------
+    # --- a request --------------------------------------------------------------------------
     def prepare(self, body: GenerateRequest, stream: bool = False,
-                names: FieldNames = NATIVE_NAMES, scope: bytes = b"") -> Prepared:
-        """Check the request against this server's limits and the model's vocabulary; messages
-        name the fields as the caller does (`names`)."""
-        served = self.get(body.model)
+                names: FieldNames = NATIVE_NAMES, scope: bytes = b"") -> Job:
+        """Check the request against this server's limits and the model's vocabulary, and
+        build its GenerationRequest; messages name the fields as the caller does (`names`)."""
         if body.continuation is not None:
-            return self._prepare_continuation(body, served, stream, names)
+            return self._prepare_continuation(body, stream, names, scope)
+        served = self.get(body.model)
         s = self.settings
         vocab = served.model.vocab
         lower = served.model.meta.lowercase
@@ -357,26 +369,35 @@ class ModelService:
             raise InvalidRequestError(
                 f"{names.seed_text} has characters not in the vocabulary of model "
                 f"{served.model.name!r}: {chars}")
+        primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
+                               else vocab.chars[0])
+        request = GenerationRequest(
+            seed_ids=vocab.encode(primer).tolist(), max_new=self._max_new(body, names),
+            sampling=sampling_from(body, body.seed if body.seed is not None
+                                   else secrets.randbits(63)),
+            stop=self._stops(body, served), time_limit_s=self._time_limit(body),
+            details=body.details, stream=stream, resumable=self._check_resumable(body, served),
+            cache_scope=scope)
+        return Job(served, request, seed_text, lower and seed_text != body.seed_text)
+
+    def _max_new(self, body: GenerateRequest, names: FieldNames) -> int:
+        s = self.settings
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
         if not 1 <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
                 f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
-        primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
-                               else vocab.chars[0])
-        stops = []
-        for stop in body.stop or []:
-            text = stop.lower() if lower else stop
-            if not vocab.unknown(text):  # a stop the model cannot spell can never occur
-                stops.append(tuple(int(i) for i in vocab.encode(text)))
-        time_limit = min(body.time_limit_s or s.time_limit_s, s.time_limit_s)
-        params = GenerationParams(
-            seed_ids=vocab.encode(primer), max_new=max_new, temperature=body.temperature,
-            top_k=body.top_k, top_p=body.top_p,
-            seed=body.seed if body.seed is not None else secrets.randbits(63),
-            stop=stops, time_limit_s=time_limit, details=body.details, stream=stream,
-            resumable=self._check_resumable(body, served), cache_scope=scope,
-        )
-        return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
+        return max_new
+
+    @staticmethod
+    def _stops(body: GenerateRequest, served: Served) -> list[list[int]]:
+        vocab, lower = served.model.vocab, served.model.meta.lowercase
+        texts = [t.lower() if lower else t for t in body.stop or []]
+        # A stop the model cannot spell can never occur.
+        return [vocab.encode(t).tolist() for t in texts if not vocab.unknown(t)]
+
+    def _time_limit(self, body: GenerateRequest) -> float:
+        limit = self.settings.time_limit_s
+        return min(body.time_limit_s or limit, limit)
 
     def _check_resumable(self, body: GenerateRequest, served: Served) -> bool:
         """A handle must fit in a request body to be sent back (base64 of 4 bytes per state
@@ -393,118 +414,110 @@ class ModelService:
 
     # Fields a continuation takes from its handle; sending them too would make the text
     # differ from the one longer request it stands for.
-    CARRIED = ("seed_text", "temperature", "top_k", "top_p", "seed")
+    CARRIED = ("seed_text", *SAMPLING_FIELDS)
 
-    def _prepare_continuation(self, body: GenerateRequest, served: Served, stream: bool,
-                              names: FieldNames) -> Prepared:
+    def _prepare_continuation(self, body: GenerateRequest, stream: bool, names: FieldNames,
+                              scope: bytes) -> Job:
         s = self.settings
         clash = [f for f in self.CARRIED if f in body.model_fields_set]
         if clash:
             raise InvalidRequestError(
                 f"a continuation carries its own seed and sampling parameters; do not send "
                 f"{', '.join(clash)} with it")
+        token = body.continuation or ""
+        # The handle names its model: a request that names none continues that one.
+        owner = handle_model(token, self.continuation_key)
+        if body.model is not None and body.model != owner:
+            raise InvalidRequestError(
+                f"continuation belongs to model {owner!r}, but the request names model "
+                f"{body.model!r}; send it without `model`, or with model {owner!r}")
+        served = self.get(owner)
         meta = served.model.meta
         graph = served.engine.graph  # "unknown" until a process engine's first heartbeat
-        handle = verify(body.continuation or "", self.continuation_key, served.model.name,
-                        meta, [st.size for st in meta.onnx.states], s.continuation_ttl_s,
+        handle = verify(token, self.continuation_key, served.model.name, meta,
+                        [st.size for st in meta.onnx.states], s.continuation_ttl_s,
                         graph=None if graph == "unknown" else graph)
-        max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
-        if not 1 <= max_new <= s.max_new_chars:
-            raise InvalidRequestError(
-                f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
-        vocab = served.model.vocab
-        stops = [tuple(int(i) for i in vocab.encode(t.lower() if meta.lowercase else t))
-                 for t in body.stop or [] if not vocab.unknown(t.lower() if meta.lowercase
-                                                                 else t)]
-        params = GenerationParams(
-            seed_ids=np.array([handle.last_id], np.int32), max_new=max_new,
-            temperature=handle.temperature, top_k=handle.top_k, top_p=handle.top_p,
-            seed=handle.seed, stop=stops,
-            time_limit_s=min(body.time_limit_s or s.time_limit_s, s.time_limit_s),
-            details=body.details, stream=stream,
-            resumable=self._check_resumable(body, served),
-            initial_states=states_from_bytes(handle.states), counter_start=handle.counter)
-        return Prepared(served, params, "", False)
+        request = GenerationRequest(
+            seed_ids=[handle.last_id], max_new=self._max_new(body, names),
+            sampling=handle.sampling, stop=self._stops(body, served),
+            time_limit_s=self._time_limit(body), details=body.details, stream=stream,
+            resumable=self._check_resumable(body, served), initial_states=handle.states,
+            counter_start=handle.counter, cache_scope=scope)
+        return Job(served, request, "", False)
 
-    async def submit(self, prep: Prepared) -> Request:
+    async def open(self, job: Job, idle_s: float | None = None
+                   ) -> AsyncGenerator[Event | None, None]:
+        """The request's events, once it is admitted: raises OverloadedError (429) or
+        UnavailableError (503) before any byte of the reply is written."""
+        events = self.generate(job, idle_s)
+        try:
+            await anext(events)  # Admitted
+        except BaseException:
+            await events.aclose()
+            raise
+        return events
+
+    async def generate(self, job: Job, idle_s: float | None = None
+                       ) -> AsyncGenerator[Event | None, None]:
+        """Admitted, then Chars as they come (None after idle_s without any), then Finished.
+        Leaving early (the reader stopped, the client went away) cancels the request."""
+        observer = job.served.observer
         # Not `self.ready`: that is false when any engine is down, and one model's engine
         # must not take the others down with it (the engine itself refuses with 503).
         if not self.started or self.draining:
-            prep.served.observer.on_rejected("unavailable")
+            observer.on_rejected("unavailable")
             raise UnavailableError("the server is shutting down or not ready; retry elsewhere")
+        events = job.served.engine.generate(job.request, idle_s)
         try:
-            return await prep.served.engine.submit(prep.params)
-        except QueueFullError as exc:
-            prep.served.observer.on_rejected("overloaded")
-            raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
-        except EngineClosedError as exc:
-            prep.served.observer.on_rejected("unavailable")
+            async for event in events:
+                yield event
+        except RefusedError as exc:
+            raise self._refusal(exc, observer) from None
+        except EngineUnavailableError as exc:
+            observer.on_rejected("unavailable")
             raise UnavailableError(str(exc)) from None
+        finally:
+            await events.aclose()
 
-    def response(self, prep: Prepared, req: Request) -> GenerateResponse:
-        vocab = prep.served.model.vocab
-        text = vocab.decode(req.ids)
-        details = None
-        if prep.params.details:
-            details = [
-                CharDetail(char=vocab.chars[i], prob=d.prob,
-                           top=[Alternative(char=vocab.chars[t], prob=p) for t, p in d.top])
-                for i, d in zip(req.ids, req.details, strict=False)
-            ]
+    @staticmethod
+    def _refusal(exc: RefusedError, observer: ModelObserver) -> ServiceError:
+        if exc.kind == "overloaded":
+            observer.on_rejected("overloaded")
+            return OverloadedError(exc.message, retry_after=exc.retry_after)
+        if exc.kind == "invalid":
+            return InvalidRequestError(exc.message)
+        observer.on_rejected("unavailable")
+        return UnavailableError(exc.message)
+
+    async def collect(self, job: Job, events: AsyncGenerator[Event | None, None]) -> Reply:
+        """Read the events to the end (a cancelled await cancels the request)."""
+        reply = Reply(job)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                reply.add(event)
+        return reply
+
+    def summary(self, reply: Reply) -> GenerateResponse:
+        """The JSON reply, also the SSE `done` event's data."""
+        job = reply.job
+        vocab = job.served.model.vocab
+        text = vocab.decode(reply.ids)
+        f = reply.finished or Finished(job.request.rid, "cancelled", None, len(reply.ids),
+                                       job.request.submitted_at, None, time.perf_counter(), 0.0)
         continuation = None
-        if req.final is not None:
-            states, last_id, counter = req.final
-            p = prep.params
+        if f.final is not None:
             continuation = sign(Handle(
-                model=prep.served.model.name, model_id=model_id(prep.served.model.meta),
-                issued_at=time.time(), states=states_to_bytes(states), last_id=last_id,
-                counter=counter, seed=p.seed, temperature=p.temperature, top_k=p.top_k,
-                top_p=p.top_p, graph=prep.served.engine.graph), self.continuation_key)
+                model=job.served.model.name, model_id=model_id(job.served.model.meta),
+                issued_at=time.time(), states=f.final.states, last_id=f.final.last_id,
+                counter=f.final.counter, sampling=job.request.sampling,
+                graph=job.served.engine.graph), self.continuation_key)
         return GenerateResponse(
-            continuation=continuation,
-            model=prep.served.model.name, text=text,
-            finish_reason=req.finish_reason or "cancelled",
-            seed=prep.params.seed, seed_text=prep.seed_text, lowercased=prep.lowercased,
-            usage=Usage(seed_chars=len(prep.seed_text), generated_chars=len(text)),
-            timings=Timings(**req.timings()), error=req.error, details=details,
+            continuation=continuation, model=job.served.model.name, text=text,
+            finish_reason=f.reason,
+            seed=job.request.sampling.seed, seed_text=job.seed_text,
+            lowercased=job.lowercased,
+            usage=Usage(seed_chars=len(job.seed_text), generated_chars=len(text)),
+            timings=Timings(**f.timings()), error=f.error,
+            details=(reply.char_details(reply.ids, reply.details) if job.request.details
+                     else None),
         )
-
-    async def run(self, prep: Prepared) -> GenerateResponse:
-        """Generate to the end; a cancelled await (client gone) cancels the request."""
-        req = await self.submit(prep)
-        try:
-            while not req.done:
-                await req.wait()
-        finally:
-            if not req.done:
-                req.cancel()
-        return self.response(prep, req)
-
-    async def chunks(self, prep: Prepared, req: Request,
-                     keepalive_s: float) -> AsyncIterator[dict[str, Any] | None]:
-        """Text produced since the last chunk; None while idle (a keep-alive is due)."""
-        vocab = prep.served.model.vocab
-        sent = 0
-        try:
-            while True:
-                # State first, then wait: news that arrived with the admission decision (a
-                # short request may finish in that very step) is already here.
-                done = req.done  # read before the ids: once set, every id is in place
-                n = len(req.ids)
-                if n > sent:
-                    chunk: dict[str, Any] = {"text": vocab.decode(req.ids[sent:n])}
-                    if prep.params.details:
-                        chunk["details"] = [
-                            {"char": vocab.chars[i], "prob": d.prob,
-                             "top": [{"char": vocab.chars[t], "prob": p} for t, p in d.top]}
-                            for i, d in zip(req.ids[sent:n], req.details[sent:n], strict=False)
-                        ]
-                    sent = n
-                    yield chunk
-                if done:
-                    return
-                if not await req.wait(keepalive_s):
-                    yield None
-        finally:
-            if not req.done:
-                req.cancel()

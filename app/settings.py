@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, TypedDict
+from typing import TYPE_CHECKING, Annotated, Literal, TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from app.engine.client import ClientTimings
+    from app.engine.loop import LoopTimings
 
 
 class EngineLimits(TypedDict):
@@ -95,10 +99,38 @@ class Settings(BaseSettings):
     watch_models: bool = Field(
         True, description="`python -m app` only: load a new or changed model folder while "
         "serving as soon as it appears (watchfiles); off: only on SIGHUP or POST /admin/reload")
+    # --- timings of the process layout (tests shorten them) --------------------------------
+    engine_heartbeat_s: float = Field(
+        0.1, gt=0, le=10, description="how often engines and HTTP workers tell each other they "
+        "are alive")
+    engine_hung_s: float = Field(
+        10.0, gt=0, description="an engine process alive but silent this long (a deadlock, a "
+        "stuck driver call) is killed and restarted; a slower one (a CPU quota, a pause) keeps "
+        "its requests. Workers give up on a silent engine 5 s after this")
+    engine_start_timeout_s: float = Field(
+        300.0, gt=0, description="longest an engine may take to load and warm a model")
+    client_ttl_s: float = Field(
+        5.0, gt=0, description="an HTTP worker silent this long to an engine has died: its "
+        "requests there are cancelled")
+    restarts_allowed: int = Field(
+        5, ge=0, description="engine (or worker) restarts allowed per restart_window_s before "
+        "the service exits 1 for its orchestrator to restart it")
+    restart_window_s: float = Field(60.0, gt=0, description="see restarts_allowed")
     engine_dir: Path | None = Field(
         None, description="set by `python -m app` for its workers: the folder of the engine "
         "processes' sockets. Unset (as under `uvicorn app.main:app`), every model's engine "
         "runs on a thread inside the one process")
+
+    def loop_timings(self) -> LoopTimings:
+        from app.engine.loop import LoopTimings
+
+        return LoopTimings(heartbeat_s=self.engine_heartbeat_s, client_ttl_s=self.client_ttl_s)
+
+    def client_timings(self) -> ClientTimings:
+        from app.engine.client import ClientTimings
+
+        return ClientTimings(heartbeat_s=self.engine_heartbeat_s,
+                             hung_after_s=self.engine_hung_s + 5.0)
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(max_batch=self.max_batch, max_queue=self.max_queue,

@@ -5,10 +5,11 @@ sharing one listening socket, and this process watching them all.
   reason); engine processes load and warm their models; workers start once every engine
   is up, so the first request finds them ready.
 - An engine process that dies is restarted (workers fail its requests in flight at once
-  and report not ready meanwhile); one that keeps dying (5 times in a minute) stops the
-  service with exit code 1, so an orchestrator restarts the whole thing. An engine that is
-  alive but silent (no heartbeat for ENGINE_HUNG_AFTER_S: a deadlock, a stuck driver call)
-  is killed and counts as one that died.
+  and report not ready meanwhile); one that keeps dying (CHARLSTM_RESTARTS_ALLOWED times in
+  CHARLSTM_RESTART_WINDOW_S) stops the service with exit code 1, so an orchestrator restarts
+  the whole thing. An engine that is alive but silent (no heartbeat for CHARLSTM_ENGINE_HUNG_S:
+  a deadlock, a stuck driver call) is killed and counts as one that died; a slower one (a
+  CPU quota, a pause) is left alone, and so are its requests.
 - A worker that dies is restarted, within the same budget for the workers together.
 - Every child dies with this process (PR_SET_PDEATHSIG), even when it is SIGKILLed.
 - Hot reload (app/reload.py): a new or changed model folder is loaded beside the version
@@ -46,17 +47,12 @@ import zmq
 from app.artifact import ArtifactError, read_metadata
 from app.lifecycle import alive_file
 from app.manifest import RELOAD_REQUEST, control_address
-from app.reload import ENGINE_START_TIMEOUT_S, EngineProcess, FolderWatcher, Reloader, Version
+from app.reload import EngineProcess, FolderWatcher, Reloader, Version
 from app.runtime import check_graph_file
 from app.settings import Settings
 
 log = logging.getLogger("app.supervisor")
 
-RESTARTS_ALLOWED = 5  # per RESTART_WINDOW_S, per engine, and for the workers together
-RESTART_WINDOW_S = 60.0
-# An engine that has not touched its heartbeat file this long is hung: it is killed and
-# restarted like one that died.
-ENGINE_HUNG_AFTER_S = 10.0
 TICK_S = 0.1
 
 Process = multiprocessing.process.BaseProcess
@@ -78,7 +74,8 @@ class Supervisor:
         # import when this is set.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self.reloader = Reloader(self, settings.models_dir, self.run_dir,
-                                 settings.default_model, settings.drain_s)
+                                 settings.default_model, settings.drain_s,
+                                 settings.engine_start_timeout_s)
         self.watcher: FolderWatcher | None = None
         self.restarts: dict[str, deque[float]] = {}
         self.worker_restarts: deque[float] = deque()
@@ -108,7 +105,8 @@ class Supervisor:
 
     def wait_engines_up(self) -> bool:
         """Until every engine has bound its socket; False if one died while starting."""
-        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+        timeout_s = self.settings.engine_start_timeout_s
+        deadline = time.monotonic() + timeout_s
         versions = list(self.reloader.current.values())
         while time.monotonic() < deadline:
             if self.stopping:
@@ -122,7 +120,7 @@ class Supervisor:
             if all(v.sock_path.exists() for v in versions):
                 return True
             time.sleep(0.05)
-        log.error("engines did not start within %.0f s", ENGINE_START_TIMEOUT_S)
+        log.error("engines did not start within %.0f s", timeout_s)
         return False
 
     def start_worker(self) -> Process:
@@ -203,6 +201,7 @@ class Supervisor:
         """Restart what died; a non-zero code when an engine keeps dying."""
         from prometheus_client import multiprocess
 
+        s = self.settings
         now = time.monotonic()
         for version in self.reloader.current.values():
             proc = version.proc
@@ -217,11 +216,11 @@ class Supervisor:
                 continue
             self.engine_exited(proc)
             times = self.restarts.setdefault(version.name, deque())
-            while times and now - times[0] > RESTART_WINDOW_S:
+            while times and now - times[0] > s.restart_window_s:
                 times.popleft()
-            if len(times) >= RESTARTS_ALLOWED:
+            if len(times) >= s.restarts_allowed:
                 log.error("the engine of %s died %d times in %.0f s; stopping the service",
-                          version.name, len(times) + 1, RESTART_WINDOW_S)
+                          version.name, len(times) + 1, s.restart_window_s)
                 return 1
             times.append(now)
             log.error("the engine of %s died (exit code %s); restarting it", version.name,
@@ -232,26 +231,25 @@ class Supervisor:
                 if proc.pid is not None:
                     multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
                 times = self.worker_restarts
-                while times and now - times[0] > RESTART_WINDOW_S:
+                while times and now - times[0] > s.restart_window_s:
                     times.popleft()
-                if len(times) >= RESTARTS_ALLOWED:
+                if len(times) >= s.restarts_allowed:
                     log.error("HTTP workers died %d times in %.0f s; stopping the service",
-                              len(times) + 1, RESTART_WINDOW_S)
+                              len(times) + 1, s.restart_window_s)
                     return 1
                 times.append(now)
                 log.error("an HTTP worker died (exit code %s); restarting it", proc.exitcode)
                 self.workers[i] = self.start_worker()
         return 0
 
-    @staticmethod
-    def hung(version: Version) -> bool:
-        """Alive but silent: no heartbeat for ENGINE_HUNG_AFTER_S, or still not up long after
-        it was started."""
+    def hung(self, version: Version) -> bool:
+        """Alive but silent: no heartbeat for CHARLSTM_ENGINE_HUNG_S, or still not up long
+        after it was started."""
         try:
             silent = time.time() - alive_file(version.address).stat().st_mtime
         except FileNotFoundError:
-            return time.monotonic() - version.started_at > ENGINE_START_TIMEOUT_S
-        return silent > ENGINE_HUNG_AFTER_S
+            return time.monotonic() - version.started_at > self.settings.engine_start_timeout_s
+        return silent > self.settings.engine_hung_s
 
     def on_reload_signal(self, sig: int, frame: FrameType | None) -> None:
         log.info("SIGHUP: looking for new and changed model folders in %s",

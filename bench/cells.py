@@ -31,7 +31,9 @@ from typing import Any
 
 from app.artifact import read_metadata
 from app.decode import serving_decode_graphs
-from app.engine import EngineCore, GenerationParams, Sequence
+from app.engine.batch import Sequence
+from app.engine.core import EngineCore
+from app.engine.messages import GenerationRequest, Sampling
 from app.runtime import OnnxModel, load_model
 from bench.ceiling import OPTIONS, Runner, chars_per_round, graph_runner, host_runner
 from bench.common import (
@@ -81,7 +83,8 @@ def engine_runner(model: OnnxModel) -> Runner:
     def run(batch: int, chars: int) -> float:
         core = EngineCore(model, max_batch=batch, max_queue=batch, decode=graphs)
         seed = model.vocab.encode("\n")
-        seqs = [Sequence(GenerationParams(seed_ids=seed, max_new=chars, seed=i))
+        seqs = [Sequence(GenerationRequest(seed_ids=seed.tolist(), max_new=chars,
+                                           sampling=Sampling(seed=i)))
                 for i in range(batch)]
         t0 = time.perf_counter()
         for s in seqs:

@@ -7,7 +7,8 @@ sampled characters at temperature 1) on the same model, in this order:
 
     raw       onnxruntime alone: OnnxModel.step with carried state + vectorised sampling,
               one batch of B rows: the ceiling the engine and the service are compared with
-    engine    app.engine.Engine in this process, N requests submitted together, no HTTP
+    engine    the engine loop on a thread of this process (the in-process layout's client),
+              N requests submitted together, no HTTP
     http      a real `python -m app` server: N streaming clients, then N JSON clients
     notebook  the reference Keras loop (model.predict once per character), in a subprocess
               so TensorFlow and its threads never overlap the other measurements
@@ -44,7 +45,11 @@ from httpx_sse import aconnect_sse
 
 from app import rng
 from app.artifact import ArtifactError
-from app.engine import Engine, GenerationParams, Request, Sequence
+from app.engine.batch import Sequence
+from app.engine.client import ClientTimings, EngineClient, ThreadEngine, make_client
+from app.engine.core import EngineCore
+from app.engine.loop import LoopTimings
+from app.engine.messages import Chars, Finished, GenerationRequest, Sampling
 from app.runtime import OnnxModel, RuntimeOptions, load_model
 from app.sampling import sample_next
 from app.settings import Settings
@@ -239,32 +244,49 @@ class EngineResult:
     onnxruntime_share: float  # (steps + prefill) / wall
 
 
-async def engine_round(engine: Engine, model: OnnxModel, cfg: Config, n: int, first: int,
-                       new_chars: int) -> tuple[float, list[Request]]:
-    params = [GenerationParams(seed_ids=model.vocab.encode(t), max_new=new_chars,
-                               temperature=TEMPERATURE, seed=first + i,
-                               time_limit_s=TIME_LIMIT_S)
-              for i, t in enumerate(seed_texts(model.vocab.chars, n, cfg.seed_chars, first))]
+@dataclass
+class Done:
+    chars: int
+    finished: Finished
+
+
+async def one_request(engine: EngineClient, req: GenerationRequest) -> Done:
+    chars, finished = 0, None
+    async for e in engine.generate(req):
+        if isinstance(e, Chars):
+            chars += len(e.ids)
+        elif isinstance(e, Finished):
+            finished = e
+    assert finished is not None
+    return Done(chars, finished)
+
+
+async def engine_round(engine: EngineClient, model: OnnxModel, cfg: Config, n: int, first: int,
+                       new_chars: int) -> tuple[float, list[Done]]:
+    reqs = [GenerationRequest(seed_ids=model.vocab.encode(t).tolist(), max_new=new_chars,
+                              sampling=Sampling(temperature=TEMPERATURE, seed=first + i),
+                              time_limit_s=TIME_LIMIT_S)
+            for i, t in enumerate(seed_texts(model.vocab.chars, n, cfg.seed_chars, first))]
     t0 = time.perf_counter()
-    reqs = list(await asyncio.gather(*(engine.submit(p) for p in params)))
-    for r in reqs:
-        while not r.done:
-            await r.wait()
-    return time.perf_counter() - t0, reqs
+    done = list(await asyncio.gather(*(one_request(engine, r) for r in reqs)))
+    return time.perf_counter() - t0, done
 
 
 async def measure_engine(model: OnnxModel, cfg: Config) -> list[EngineResult]:
     clock = StepClock()
-    engine = Engine(model, max_batch=cfg.capacity, max_queue=cfg.capacity, max_wait_s=1e9,
-                    observer=clock)
+    core = EngineCore(model, max_batch=cfg.capacity, max_queue=cfg.capacity, max_wait_s=1e9,
+                      observer=clock)
+    thread = ThreadEngine(core, model.provider, model.graph_file, LoopTimings())
+    engine = make_client(model.name, thread.address, ClientTimings(), thread)
     engine.start()
+    await engine.wait_alive(60)
     results = []
     try:
         for n in cfg.concurrency:
             await engine_round(engine, model, cfg, n, 10**6, min(WARMUP_CHARS, cfg.new_chars))
             before = clock.snapshot()
             wall = 0.0
-            reqs: list[Request] = []
+            reqs: list[Done] = []
             rounds = 0
             started = time.perf_counter()
             while rounds == 0 or more_rounds(started, rounds, cfg.min_time):
@@ -280,15 +302,16 @@ async def measure_engine(model: OnnxModel, cfg: Config) -> list[EngineResult]:
     return results
 
 
-def engine_result(n: int, rounds: int, wall: float, reqs: list[Request], steps: int,
+def engine_result(n: int, rounds: int, wall: float, reqs: list[Done], steps: int,
                   step_s: float, rows: int, prefill_s: float, new_chars: int) -> EngineResult:
-    chars = sum(len(r.ids) for r in reqs)
-    errors = sum(r.finish_reason != "length" or len(r.ids) != new_chars for r in reqs)
+    chars = sum(r.chars for r in reqs)
+    errors = sum(r.finished.reason != "length" or r.chars != new_chars for r in reqs)
     return EngineResult(
         concurrency=n, rounds=rounds, requests=len(reqs), generated_chars=chars,
         wall_s=round(wall, 4), chars_per_s=round(chars / wall, 1), errors=errors,
-        ttft_ms=latency_ms([r.first_at - r.submitted_at for r in reqs if r.first_at]),
-        e2e_ms=latency_ms([r.finished_at - r.submitted_at for r in reqs if r.finished_at]),
+        ttft_ms=latency_ms([r.finished.started.first_at - r.finished.submitted_at
+                            for r in reqs if r.finished.started]),
+        e2e_ms=latency_ms([r.finished.finished_at - r.finished.submitted_at for r in reqs]),
         steps=steps, mean_batch=round(rows / max(steps, 1), 2),
         step_ms=round(step_s / max(steps, 1) * 1e3, 4),
         prefill_ms=round(prefill_s / rounds * 1e3, 3),

@@ -9,13 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 import pytest
+import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("CHARLSTM_DATA", ROOT.parent / "shared" / "data"))
@@ -68,8 +71,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Server(Protocol):
+    """A running service, in another process or this one."""
+
+    url: str
+
+    def client(self, **kw: object) -> httpx.Client: ...
+    def log(self) -> str: ...
+
+
 @dataclass
-class Server:
+class ProcessServer:
+    """`python -m app` in a process group of its own."""
+
     url: str
     proc: subprocess.Popen[str]
     log_path: Path
@@ -82,7 +96,7 @@ class Server:
 
 
 def start_server(models_dir: Path, log_path: Path, default: str = "tiny",
-                 **env: str) -> Server:
+                 **env: str) -> ProcessServer:
     port = free_port()
     full_env = {
         **os.environ, "PYTHONUNBUFFERED": "1", "CHARLSTM_MODELS_DIR": str(models_dir),
@@ -101,7 +115,7 @@ def start_server(models_dir: Path, log_path: Path, default: str = "tiny",
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return Server(url, proc, log_path)
+                return ProcessServer(url, proc, log_path)
         except httpx.TransportError:
             pass
         time.sleep(0.1)
@@ -110,7 +124,7 @@ def start_server(models_dir: Path, log_path: Path, default: str = "tiny",
     raise RuntimeError(f"server did not become ready:\n{log_path.read_text()}")
 
 
-def stop_server(server: Server) -> None:
+def stop_server(server: ProcessServer) -> None:
     """SIGTERM (the supervisor stops its engines and workers), then whatever is left of the
     process group is killed: a test never leaves server processes behind."""
     if server.proc.poll() is None:
@@ -124,9 +138,50 @@ def stop_server(server: Server) -> None:
         os.killpg(server.proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tiny_models, tmp_path_factory.mktemp("srv") / "server.log",
-                       max_batch="64")
+class InProcessServer:
+    """The whole service in this process (`uvicorn app.main:app`'s layout: every model's engine
+    loop on a thread), served by uvicorn with the worker's HTTP limits on a real port, so real
+    clients talk to it; a test can also reach into `app`. Starts in well under a second."""
+
+    def __init__(self, models_dir: Path, default: str = "tiny", **settings: Any) -> None:
+        from app.main import create_app
+        from app.settings import Settings
+        from app.worker import uvicorn_config
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.settings = Settings(models_dir=models_dir, default_model=default, port=port,
+                                 log_level="warning", **settings)
+        self.app = create_app(self.settings)
+        self.uvicorn = uvicorn.Server(uvicorn_config(self.app, self.settings))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the in-process server stopped while starting")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("the in-process server did not become ready")
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return ""  # its log lines go to pytest's captured logging
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models: Path) -> Iterator[InProcessServer]:
+    """The service for API cases: in this process, shared by the whole session."""
+    srv = InProcessServer(tiny_models, max_batch=64)
     yield srv
-    stop_server(srv)
+    srv.stop()

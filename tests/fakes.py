@@ -1,9 +1,29 @@
-"""A small deterministic stand-in for OnnxModel, for sharp engine unit tests."""
+"""A small deterministic stand-in for OnnxModel, and helpers that drive an engine, for sharp
+engine unit tests."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
+
+from app.engine.batch import Sequence
+from app.engine.client import ClientTimings, EngineClient, ThreadEngine, make_client
+from app.engine.core import EngineCore
+from app.engine.loop import LoopTimings
+from app.engine.messages import (
+    SAMPLING_FIELDS,
+    Chars,
+    Detail,
+    Event,
+    Finished,
+    GenerationRequest,
+    Sampling,
+)
 
 
 class FakeModel:
@@ -45,3 +65,75 @@ class FakeModel:
         nxt = (ids + 1) % self.v
         np.put_along_axis(logits, nxt[..., None], 5.0, axis=-1)
         return logits, np.asarray(states) + t
+
+
+def request(seed_ids: Any, **kw: Any) -> GenerationRequest:
+    """A GenerationRequest from flat keywords (sampling fields among them)."""
+    sampling = Sampling(**{k: kw.pop(k) for k in list(kw) if k in SAMPLING_FIELDS})
+    ids = seed_ids.tolist() if hasattr(seed_ids, "tolist") else list(seed_ids)
+    return GenerationRequest(seed_ids=ids, sampling=sampling, **kw)
+
+
+class RecordingObserver:
+    """Engine hooks that keep what a test asks about: every finished sequence."""
+
+    def __init__(self) -> None:
+        self.finished: list[Sequence] = []
+
+    def on_step(self, batch: int, seconds: float) -> None: ...
+    def on_prefill(self, rows: int, chars: int, seconds: float) -> None: ...
+    def on_queue(self, waiting: int, active: int) -> None: ...
+    def on_refusal_verdict(self, false: bool) -> None: ...
+    def on_estimate(self, wait_s: float, chars_per_s: float) -> None: ...
+    def on_cache(self, hit: bool, chars_saved: int, size_bytes: int, entries: int) -> None: ...
+
+    def on_finish(self, seq: Sequence) -> None:
+        self.finished.append(seq)
+
+
+@dataclass
+class Result:
+    """What a request's events added up to."""
+
+    ids: list[int] = field(default_factory=list)
+    details: list[Detail] = field(default_factory=list)
+    finished: Finished | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finished.reason if self.finished else None
+
+    @property
+    def error(self) -> str | None:
+        return self.finished.error if self.finished else None
+
+
+async def result_of(events: AsyncIterator[Event | None]) -> Result:
+    res = Result()
+    async for e in events:
+        if isinstance(e, Chars):
+            res.ids.extend(e.ids)
+            res.details.extend(e.details or [])
+        elif isinstance(e, Finished):
+            res.finished = e
+    return res
+
+
+async def run_one(client: EngineClient, req: GenerationRequest) -> Result:
+    """Submit and read to the end (raises RefusedError / EngineUnavailableError)."""
+    return await result_of(client.generate(req))
+
+
+@asynccontextmanager
+async def running_engine(model: Any, observer: Any = None, **limits: Any
+                         ) -> AsyncIterator[tuple[EngineClient, EngineCore]]:
+    """An engine loop on a thread (the in-process layout) and its client, for `model`."""
+    core = EngineCore(model, observer=observer, **limits)
+    thread = ThreadEngine(core, "CPUExecutionProvider", "model.onnx", LoopTimings())
+    client = make_client(model.name, thread.address, ClientTimings(), thread)
+    client.start()
+    try:
+        assert await client.wait_alive(30), "the engine thread never answered"
+        yield client, core
+    finally:
+        client.close()

@@ -3,14 +3,20 @@ would have; tampered, expired, foreign or conflicting handles get a clear 422.""
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import connect_sse
 
 from app.continuation import Handle, model_id, sign
-from tests.conftest import Server
+from app.engine.messages import Sampling
+from client import Client
+from tests.conftest import InProcessServer, Server
 from tests.test_faults import inprocess  # noqa: F401  (fixture)
 
 BODY = {"seed_text": "ROMEO:\n", "temperature": 0.9, "seed": 7, "top_k": 20}
@@ -69,8 +75,8 @@ def test_expired_and_foreign_handles_are_refused(inprocess: tuple[str, Any]) -> 
     def handle(**kw: Any) -> str:
         fields: dict[str, Any] = {
             "model": "tiny", "model_id": model_id(meta), "issued_at": time.time(),
-            "states": [bytes(4 * n) for n in sizes], "last_id": 1, "counter": 5, "seed": 3,
-            "temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw}
+            "states": [bytes(4 * n) for n in sizes], "last_id": 1, "counter": 5,
+            "sampling": Sampling(seed=3), **kw}
         return sign(Handle(**fields), svc.continuation_key)
 
     with httpx.Client(base_url=url, timeout=30) as c:
@@ -85,7 +91,7 @@ def test_expired_and_foreign_handles_are_refused(inprocess: tuple[str, Any]) -> 
         # A state from another graph (the int8 variant) would continue with another text.
         assert "now served with model.onnx" in refused(handle(graph="model.int8.onnx"))
         other_key = sign(Handle("tiny", model_id(meta), time.time(),
-                                [bytes(4 * n) for n in sizes], 1, 5, 3, 1.0, 0, 1.0), b"k")
+                                [bytes(4 * n) for n in sizes], 1, 5, Sampling(seed=3)), b"k")
         assert "not issued by this service" in refused(other_key)
         served = c.post("/generate", json={"continuation": handle(), "max_new_chars": 5})
         same_graph = c.post("/generate", json={"continuation": handle(graph="model.onnx"),
@@ -93,3 +99,49 @@ def test_expired_and_foreign_handles_are_refused(inprocess: tuple[str, Any]) -> 
     assert served.status_code == 200  # a handle from before graphs were recorded
     assert len(served.json()["text"]) == 5
     assert same_graph.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[InProcessServer]:
+    """`tiny` (the default) and `other`, a copy served under another folder name."""
+    models = tmp_path_factory.mktemp("two") / "models"
+    shutil.copytree(tiny_models / "tiny", models / "tiny")
+    shutil.copytree(tiny_models / "tiny", models / "other")
+    srv = InProcessServer(models)
+    yield srv
+    srv.stop()
+
+
+def test_a_handle_continues_its_own_model_whatever_the_default(
+        two_models: InProcessServer) -> None:
+    """The handle names its model: sent as the README shows it (no `model`), it continues
+    that model, not the default one; naming another model is refused, naming its own works."""
+    body = {**BODY, "model": "other"}
+    with two_models.client() as c:
+        whole = c.post("/generate", json={**body, "max_new_chars": 90}).json()
+        first = c.post("/generate", json={**body, "max_new_chars": 40,
+                                          "resumable": True}).json()
+        handle = first["continuation"]
+        rest = c.post("/generate", json={"continuation": handle, "max_new_chars": 50})
+        named = c.post("/generate", json={"continuation": handle, "model": "other",
+                                          "max_new_chars": 50})
+        wrong = c.post("/generate", json={"continuation": handle, "model": "tiny",
+                                          "max_new_chars": 50})
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["model"] == "other"
+    assert first["text"] + rest.json()["text"] == whole["text"]
+    assert named.json()["text"] == rest.json()["text"]
+    assert wrong.status_code == 422
+    assert "belongs to model 'other'" in wrong.json()["error"]["message"]
+
+
+def test_the_client_resumes_a_non_default_model(two_models: InProcessServer) -> None:
+    with Client(two_models.url) as client:
+        whole = client.generate("ROMEO:\n", model="other", seed=5, max_new_chars=80)
+        first = client.generate("ROMEO:\n", model="other", seed=5, max_new_chars=30,
+                                resumable=True)
+        assert first.continuation is not None
+        rest = client.resume(first.continuation, max_new_chars=50)
+    assert rest.model == "other"
+    assert first.text + rest.text == whole.text

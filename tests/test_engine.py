@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +12,23 @@ import numpy as np
 import pytest
 
 from app.artifact import read_metadata
-from app.engine import Engine, EngineClosedError, EngineCore, GenerationParams, Request, Sequence
+from app.engine.batch import Sequence
+from app.engine.client import EngineUnavailableError
+from app.engine.core import EngineCore
+from app.engine.messages import Chars
 from app.runtime import RuntimeOptions, batch_invariant, load_model, serving_variant
 from tests.conftest import ROOT
-from tests.fakes import FakeModel
+from tests.fakes import (
+    FakeModel,
+    RecordingObserver,
+    Result,
+    request,
+    result_of,
+    run_one,
+    running_engine,
+)
 
-
-def params(seed_ids: list[int], **kw: Any) -> GenerationParams:
-    return GenerationParams(seed_ids=np.array(seed_ids, np.int32), **kw)
-
-
-async def finish(req: Request) -> Request:
-    while not req.done:
-        await req.wait(5)
-    return req
+params = request
 
 
 def run(coro):
@@ -31,13 +36,9 @@ def run(coro):
 
 
 def test_greedy_follows_the_model_and_respects_max_new() -> None:
-    async def go() -> Request:
-        engine = Engine(FakeModel(vocab=7))
-        engine.start()
-        try:
-            return await finish(await engine.submit(params([3], max_new=10, temperature=0.0)))
-        finally:
-            engine.close()
+    async def go() -> Result:
+        async with running_engine(FakeModel(vocab=7)) as (engine, _):
+            return await run_one(engine, params([3], max_new=10, temperature=0.0))
 
     req = run(go())
     assert req.ids == [4, 5, 6, 0, 1, 2, 3, 4, 5, 6]
@@ -45,14 +46,10 @@ def test_greedy_follows_the_model_and_respects_max_new() -> None:
 
 
 def test_stop_sequence_ends_generation_and_is_never_emitted() -> None:
-    async def go() -> Request:
-        engine = Engine(FakeModel(vocab=7))
-        engine.start()
-        try:
-            return await finish(await engine.submit(params([0], max_new=50, temperature=0.0,
-                                                     stop=[(4, 5)])))
-        finally:
-            engine.close()
+    async def go() -> Result:
+        async with running_engine(FakeModel(vocab=7)) as (engine, _):
+            return await run_one(engine, params([0], max_new=50, temperature=0.0,
+                                                stop=[[4, 5]]))
 
     req = run(go())
     assert req.finish_reason == "stop"
@@ -60,24 +57,29 @@ def test_stop_sequence_ends_generation_and_is_never_emitted() -> None:
 
 
 def test_cancel_frees_the_row_within_one_step() -> None:
-    async def go() -> tuple[Request, int, int]:
+    async def go() -> tuple[Sequence, int, int]:
         model = FakeModel()
-        engine = Engine(model)
-        engine.start()
-        try:
-            req = await engine.submit(params([0], max_new=10**9, temperature=0.0, stream=True))
-            while len(req.ids) < 5:
-                await req.wait(5)
+        observer = RecordingObserver()
+        async with running_engine(model, observer) as (engine, core):
+            events = engine.generate(params([0], max_new=10**9, temperature=0.0, stream=True))
+            got = 0
+            async for e in events:
+                if isinstance(e, Chars):
+                    got += len(e.ids)
+                if got >= 5:
+                    break
             calls_at_cancel = model.calls
-            req.cancel()
-            await finish(req)
-            return req, model.calls - calls_at_cancel, engine.active
-        finally:
-            engine.close()
+            await events.aclose()  # the reader leaves: the request is cancelled
+            for _ in range(500):
+                if observer.finished:
+                    break
+                await asyncio.sleep(0.01)
+            return observer.finished[0], model.calls - calls_at_cancel, core.active
 
-    req, extra_calls, active = run(go())
-    assert req.finish_reason == "cancelled"
-    assert extra_calls <= 1
+    seq, extra_calls, active = run(go())
+    assert seq.finish_reason == "cancelled"
+    # The cancel reaches the engine before its next step (GIL hand-offs may let one more in).
+    assert extra_calls <= 2
     assert active == 0
 
 
@@ -87,25 +89,21 @@ def test_full_queue_is_refused_at_once_whatever_the_prediction() -> None:
         core.submit(Sequence(params([0], max_new=5)))
     core.iterate()  # the first takes the row
     core.submit(Sequence(params([0], max_new=5)))
-    _, refusal, retry = core.admission(params([0], max_new=5))
-    assert refusal is not None
-    assert "at capacity" in refusal
-    assert retry >= 1
+    decision = core.admission(params([0], max_new=5))
+    assert decision.refusal is not None
+    assert "at capacity" in decision.refusal
+    assert decision.retry_after >= 1
 
 
 def test_a_failing_step_errors_its_batch_and_the_engine_keeps_serving() -> None:
-    async def go() -> tuple[Request, Request]:
+    async def go() -> tuple[Result, Result]:
         model = FakeModel()
-        engine = Engine(model)
-        engine.start()
-        try:
-            model.fail_after = 3
-            first = await finish(await engine.submit(params([0], max_new=100)))
+        async with running_engine(model) as (engine, _):
+            model.fail_after = model.calls + 3
+            first = await run_one(engine, params([0], max_new=100))
             model.fail_after = None
-            second = await finish(await engine.submit(params([0], max_new=5, temperature=0.0)))
+            second = await run_one(engine, params([0], max_new=5, temperature=0.0))
             return first, second
-        finally:
-            engine.close()
 
     first, second = run(go())
     assert first.finish_reason == "error"
@@ -115,13 +113,9 @@ def test_a_failing_step_errors_its_batch_and_the_engine_keeps_serving() -> None:
 
 
 def test_time_limit_stops_generation() -> None:
-    async def go() -> Request:
-        engine = Engine(FakeModel())
-        engine.start()
-        try:
-            return await finish(await engine.submit(params([0], max_new=10**9, time_limit_s=0.05)))
-        finally:
-            engine.close()
+    async def go() -> Result:
+        async with running_engine(FakeModel()) as (engine, _):
+            return await run_one(engine, params([0], max_new=10**9, time_limit_s=0.05))
 
     req = run(go())
     assert req.finish_reason == "time_limit"
@@ -133,20 +127,15 @@ def test_seeded_request_is_identical_alone_and_beside_63_others(tiny_models: Pat
     seed_ids = model.vocab.encode("ROMEO:\n")
 
     async def go() -> tuple[list[int], list[int], int]:
-        engine = Engine(model)
-        engine.start()
-        try:
-            alone = await finish(await engine.submit(GenerationParams(
-                seed_ids=seed_ids, max_new=120, temperature=1.0, seed=7)))
-            crowd = [await engine.submit(GenerationParams(
-                seed_ids=model.vocab.encode("KING" if i % 2 else "ROMEO:"), max_new=80 + i,
+        async with running_engine(model) as (engine, _):
+            alone = await run_one(engine, params(seed_ids, max_new=120, temperature=1.0,
+                                                 seed=7))
+            crowd = [run_one(engine, params(
+                model.vocab.encode("KING" if i % 2 else "ROMEO:"), max_new=80 + i,
                 temperature=1.0, top_k=i % 5, seed=1000 + i)) for i in range(63)]
-            mine = await engine.submit(GenerationParams(seed_ids=seed_ids, max_new=120,
-                                                  temperature=1.0, seed=7))
-            await asyncio.gather(*(finish(r) for r in [*crowd, mine]))
-            return alone.ids, mine.ids, max(len(r.ids) for r in crowd)
-        finally:
-            engine.close()
+            mine = run_one(engine, params(seed_ids, max_new=120, temperature=1.0, seed=7))
+            *others, beside = await asyncio.gather(*crowd, mine)
+            return alone.ids, beside.ids, max(len(r.ids) for r in others)
 
     alone, beside, longest = run(go())
     assert longest > 100  # the crowd really ran alongside
@@ -165,23 +154,19 @@ def test_the_graph_a_bundled_model_serves_keeps_seeded_text_under_load(name: str
     seed_ids = model.vocab.encode("the ")
 
     async def go() -> list[tuple[list[int], list[int]]]:
-        engine = Engine(model)
-        engine.start()
-        try:
+        async with running_engine(model) as (engine, _):
             pairs = []
             for seed in range(3):
-                alone = await finish(await engine.submit(GenerationParams(
-                    seed_ids=seed_ids, max_new=300, temperature=1.0, seed=seed)))
-                crowd = [await engine.submit(GenerationParams(
-                    seed_ids=model.vocab.encode("and " * (i + 1)), max_new=300,
-                    temperature=1.0, seed=1000 + i)) for i in range(15)]
-                mine = await engine.submit(GenerationParams(seed_ids=seed_ids, max_new=300,
-                                                      temperature=1.0, seed=seed))
-                await asyncio.gather(*(finish(r) for r in [*crowd, mine]))
-                pairs.append((alone.ids, mine.ids))
+                alone = await run_one(engine, params(seed_ids, max_new=300, temperature=1.0,
+                                                     seed=seed))
+                crowd = [run_one(engine, params(model.vocab.encode("and " * (i + 1)),
+                                                max_new=300, temperature=1.0, seed=1000 + i))
+                         for i in range(15)]
+                mine = run_one(engine, params(seed_ids, max_new=300, temperature=1.0,
+                                              seed=seed))
+                *_, beside = await asyncio.gather(*crowd, mine)
+                pairs.append((alone.ids, beside.ids))
             return pairs
-        finally:
-            engine.close()
 
     for alone, beside in run(go()):
         assert len(alone) == 300
@@ -238,8 +223,8 @@ def test_sliced_prefill_gives_the_same_text_as_whole_seeds(tiny_models: Path) ->
 
     def generate(chunk: int) -> list[list[int]]:
         core = EngineCore(model, prefill_chunk_chars=chunk)
-        seqs = [Sequence(GenerationParams(seed_ids=model.vocab.encode(t), max_new=60,
-                                          temperature=0.8, seed=3 + i))
+        seqs = [Sequence(params(model.vocab.encode(t), max_new=60, temperature=0.8,
+                                seed=3 + i))
                 for i, t in enumerate(seeds)]
         for s in seqs:
             core.submit(s)
@@ -253,36 +238,36 @@ def test_sliced_prefill_gives_the_same_text_as_whole_seeds(tiny_models: Path) ->
 def test_predicted_wait_counts_the_work_ahead_and_refuses_past_the_bound() -> None:
     core = EngineCore(FakeModel(), max_batch=2, max_queue=100, max_wait_s=0.5,
                       prefill_chunk_chars=10)
-    core.step_fixed_s, core.step_row_s = 0.001, 0.0  # as if calibrated: 1 ms per iteration
-    assert core.predict_wait() == 0.0  # free rows
+    policy = core.policy
+    policy.step_fixed_s, policy.step_row_s = 0.001, 0.0  # as if calibrated: 1 ms per iteration
+    assert policy.predict_wait() == 0.0  # free rows
     for n in (100, 300):
         core.submit(Sequence(params([0], max_new=n)))
     core.iterate()
-    core.factor, core.prefill_s_per_char = 1.0, 0.0
+    policy.factor, policy.prefill_s_per_char = 1.0, 0.0
     # Rows free after ~99 and ~299 more iterations; a newcomer takes the first to free.
-    assert core.predict_wait() == pytest.approx(0.099, abs=0.003)
+    assert policy.predict_wait() == pytest.approx(0.099, abs=0.003)
     core.submit(Sequence(params([0] * 25, max_new=1000)))  # 3 prefill slices + 1000 chars
     # Behind it, the next newcomer waits for the 300-row: ~0.299 s.
-    assert core.predict_wait() == pytest.approx(0.299, abs=0.003)
-    wait, refusal, _ = core.admission(params([0], max_new=10))
-    assert refusal is None
-    assert wait == pytest.approx(0.299, abs=0.003)
+    assert policy.predict_wait() == pytest.approx(0.299, abs=0.003)
+    d = core.admission(params([0], max_new=10))
+    assert d.refusal is None
+    assert d.wait_s == pytest.approx(0.299, abs=0.003)
     core.submit(Sequence(params([0], max_new=1000)))
     # Now the queue ahead holds the 1003-iteration request placed at ~0.099 s.
-    wait, refusal, retry = core.admission(params([0], max_new=10))
-    assert wait == pytest.approx(1.102, abs=0.005)
-    assert refusal is not None
-    assert "wait about 1.1 s" in refusal
-    assert retry == 1  # ceil(1.102 - 0.5)
+    d = core.admission(params([0], max_new=10))
+    assert d.wait_s == pytest.approx(1.102, abs=0.005)
+    assert d.refusal is not None
+    assert "wait about 1.1 s" in d.refusal
+    assert d.retry_after == 1  # ceil(1.102 - 0.5)
     # Soft: a predicted wait a little past the bound is admitted (the estimate may be off).
-    core.max_wait_s = 1.0
-    assert core.admission(params([0], max_new=10))[1] is None
-    core.max_wait_s = 0.5
+    policy.max_wait_s = 1.0
+    assert core.admission(params([0], max_new=10)).refusal is None
     # A request whose own deadline cannot be met after the wait is refused at once.
-    core.max_wait_s = 10
-    _, refusal, _ = core.admission(params([0], max_new=10, time_limit_s=1.0))
-    assert refusal is not None
-    assert "time limit" in refusal
+    policy.max_wait_s = 10
+    d = core.admission(params([0], max_new=10, time_limit_s=1.0))
+    assert d.refusal is not None
+    assert "time limit" in d.refusal
 
 
 class EngineKilled(BaseException):
@@ -304,39 +289,34 @@ class DyingModel(FakeModel):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_engine_fails_its_requests_and_refuses_new_ones() -> None:
-    async def go() -> tuple[Request, bool]:
-        engine = Engine(DyingModel())
-        engine.start()
-        try:
-            req = await finish(await engine.submit(params([1], max_new=100)))
+    async def go() -> tuple[Result, bool]:
+        async with running_engine(DyingModel()) as (engine, _):
+            req = await run_one(engine, params([1], max_new=100))
             for _ in range(100):
                 if not engine.alive:
                     break
                 await asyncio.sleep(0.01)
-            with pytest.raises(EngineClosedError):
-                await engine.submit(params([0], max_new=5))
+            with pytest.raises(EngineUnavailableError):
+                await run_one(engine, params([0], max_new=5))
             return req, engine.alive
-        finally:
-            engine.close()
 
     req, alive = run(go())
     assert not alive
     assert req.finish_reason == "error"
-    assert "engine stopped" in (req.error or "")
+    assert "engine of model 'fake' stopped" in (req.error or "")
 
 
 def test_drain_past_its_grace_ends_every_request_with_an_error() -> None:
-    async def go() -> tuple[list[Request], bool]:
-        engine = Engine(FakeModel(), max_batch=2, max_wait_s=1e12)  # one waits, two run
-        engine.start()
-        try:
-            reqs = [await engine.submit(params([0], max_new=10**9, stream=True, time_limit_s=1e9))
-                    for _ in range(3)]
+    async def go() -> tuple[list[Result], bool]:
+        # one waits, two run
+        async with running_engine(FakeModel(), max_batch=2, max_wait_s=1e12) as (engine, _):
+            streams = [engine.generate(params([0], max_new=10**9, stream=True,
+                                              time_limit_s=1e9)) for _ in range(3)]
+            for events in streams:
+                await anext(events)  # admitted
+            readers = [asyncio.ensure_future(result_of(e)) for e in streams]
             clean = await engine.drain(0.1)
-            await asyncio.gather(*(finish(r) for r in reqs))
-            return reqs, clean
-        finally:
-            engine.close()
+            return list(await asyncio.gather(*readers)), clean
 
     reqs, clean = run(go())
     assert not clean
@@ -348,23 +328,66 @@ def test_refusals_are_judged_in_line_one_row_each() -> None:
     """Two requests refused back to back would have stood one behind the other: the first
     is judged at the first admission after those waiting, the second at the next one."""
     core = EngineCore(FakeModel(), max_batch=1, max_queue=100, max_wait_s=0.05)
-    core.step_fixed_s, core.step_row_s = 0.001, 0.0
+    policy = core.policy
+    policy.step_fixed_s, policy.step_row_s = 0.001, 0.0
     core.submit(Sequence(params([0], max_new=3)))
     core.iterate()  # holds the only row for 2 more iterations
     core.submit(Sequence(params([0], max_new=200)))  # waits ~2 ms: admitted
     for _ in range(2):
-        _, refusal, _ = core.admission(params([0], max_new=10))  # behind 200: ~0.2 s
-        assert refusal is not None
+        # behind 200: ~0.2 s
+        assert core.admission(params([0], max_new=10)).refusal is not None
     while core.waiting:
         core.iterate()
     # The queued request took the row: nobody's row came yet.
-    assert core.false_refusals + core.justified_refusals == 0
+    assert policy.false_refusals + policy.justified_refusals == 0
     core.submit(Sequence(params([0], max_new=1)))
     while core.has_work:
         core.iterate()
     # Its admission was the first refused one's row (that came at once here: false).
-    assert (core.false_refusals, core.justified_refusals) == (1, 0)
+    assert (policy.false_refusals, policy.justified_refusals) == (1, 0)
     core.iterate()  # an empty queue and a free row: the second one's, now
-    assert (core.false_refusals, core.justified_refusals) == (2, 0)
+    assert (policy.false_refusals, policy.justified_refusals) == (2, 0)
     core.iterate()  # that row is taken (virtually) for its run: nothing more to judge
-    assert (core.false_refusals, core.justified_refusals) == (2, 0)
+    assert (policy.false_refusals, policy.justified_refusals) == (2, 0)
+
+
+def test_the_engine_loop_and_client_speak_over_an_ipc_socket(tmp_path: Path) -> None:
+    """The process layout's wire (msgpack over an `ipc://` socket), in one process: requests,
+    events, cancellation and the heartbeat's status all cross it."""
+    import zmq
+
+    from app.engine.client import ClientTimings, EngineClient
+    from app.engine.loop import EngineLoop, LoopTimings, router_socket
+
+    async def go() -> tuple[Result, Result, int]:
+        core = EngineCore(FakeModel(vocab=7))
+        address = f"ipc://{tmp_path / 'fake.sock'}"
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        loop = EngineLoop(core, router_socket(ctx, address), "CPUExecutionProvider",
+                          "model.onnx", LoopTimings())
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        client = EngineClient("fake", address, ClientTimings(),
+                              gone=lambda pid: not thread.is_alive())
+        client.start()
+        try:
+            assert await client.wait_alive(10)
+            greedy = await run_one(client, params([3], max_new=10, temperature=0.0,
+                                                   stream=True, details=True))
+            stopped = await run_one(client, params([0], max_new=50, temperature=0.0,
+                                                    stop=[[4, 5]]))
+            return greedy, stopped, client.status.pid if client.status else 0
+        finally:
+            client.close()
+            loop.stopping = True
+            thread.join(5)
+            loop.sock.close()
+            ctx.term()
+
+    greedy, stopped, pid = run(go())
+    assert greedy.ids == [4, 5, 6, 0, 1, 2, 3, 4, 5, 6]
+    assert len(greedy.details) == 10
+    assert greedy.finished is not None
+    assert greedy.finished.started is not None  # the engine's timings crossed too
+    assert (stopped.ids, stopped.finish_reason) == ([1, 2, 3], "stop")
+    assert pid == os.getpid()

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from app.decode import DecodeGraphs, serving_decode_graphs
-from app.engine import EngineCore, GenerationParams, Sequence
+from app.engine.batch import Sequence
+from app.engine.core import EngineCore
+from app.engine.messages import GenerationRequest
 from app.runtime import OnnxModel, RuntimeOptions, load_model
+from tests.fakes import request
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def graphs(model: OnnxModel) -> DecodeGraphs:
     return g
 
 
-def run(model: OnnxModel, decode: DecodeGraphs | None, params: list[GenerationParams],
+def run(model: OnnxModel, decode: DecodeGraphs | None, params: list[GenerationRequest],
         **kw: Any) -> list[Sequence]:
     core = EngineCore(model, decode=decode, **kw)
     seqs = [Sequence(p) for p in params]
@@ -40,15 +43,15 @@ def run(model: OnnxModel, decode: DecodeGraphs | None, params: list[GenerationPa
     return seqs
 
 
-def varied(model: OnnxModel, i: int, **kw: Any) -> GenerationParams:
+def varied(model: OnnxModel, i: int, **kw: Any) -> GenerationRequest:
     """Greedy, temperature, top-k, top-p, stops, details; lengths that are not multiples of K."""
     p: dict[str, Any] = dict(
         seed_ids=model.vocab.encode("ROMEO:\n" * (1 + i % 3)), max_new=1 + 9 * i,
         temperature=[0.0, 0.7, 1.0, 1.5][i % 4], top_k=[0, 3, 0, 10][i % 4],
         top_p=[1.0, 1e-50, 0.9, 0.5][i % 4], seed=i, details=i % 5 == 0,
-        stop=[tuple(model.vocab.encode("e "))] if i % 3 == 0 else [])
+        stop=[model.vocab.encode("e ").tolist()] if i % 3 == 0 else [])
     p.update(kw)
-    return GenerationParams(**p)
+    return request(p.pop("seed_ids"), **p)
 
 
 def test_the_graph_engine_gives_the_host_engines_ids_reasons_and_details(
@@ -65,8 +68,8 @@ def test_the_graph_engine_gives_the_host_engines_ids_reasons_and_details(
         assert (g.finish_reason, g.sampled) == (h.finish_reason, h.sampled)
         assert len(g.details) == len(h.details)
         for a, b in zip(g.details, h.details, strict=True):
-            assert a.prob == pytest.approx(b.prob, abs=1e-6)
-            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert a[0] == pytest.approx(b[0], abs=1e-6)
+            assert [t for t, _ in a[1]] == [t for t, _ in b[1]]
 
 
 def test_a_seeded_request_is_the_same_alone_and_in_a_crowd_with_prefill(
@@ -90,7 +93,7 @@ def test_a_resumable_row_ending_inside_a_block_continues_exactly(
     straight = run(model, graphs, [varied(model, 2, max_new=first + 50)])[0]
     head = run(model, graphs, [varied(model, 2, max_new=first, resumable=True)])[0]
     assert head.final is not None
-    states, last, sampled = head.final
+    states, last, sampled = head.final.states, head.final.last_id, head.final.counter
     assert (last, sampled) == (head.ids[-1], first)
     tail = run(model, graphs, [varied(model, 2, seed_ids=np.array([last], np.int32),
                                       initial_states=states, counter_start=sampled,
@@ -125,5 +128,5 @@ def test_decode_graphs_are_chosen_by_k_and_0_means_host(
     assert one.single is None
     core = EngineCore(model, decode=serving_decode_graphs(model, 8))
     assert core.graph_files == "model.onnx + decode.k8.onnx"
-    core.calibrate(repeats=1)
-    assert core.step_fixed_s > 0
+    core.policy.calibrate(repeats=1)
+    assert core.policy.step_fixed_s > 0

@@ -92,7 +92,7 @@ def test_injected_onnxruntime_error_sends_error_event_and_engine_keeps_serving(
     url, app = inprocess
     # The decode graph runs every decode step (exported models come with one); the step
     # graph's own failures are tested in test_engine.
-    graph = app.state.service.models["tiny"].engine.core.decode.steps  # type: ignore[attr-defined]
+    graph = app.state.service.models["tiny"].engine.thread.core.decode.steps  # type: ignore[attr-defined]
     calls = {"n": 0}
     real_run = graph.run
 

@@ -53,8 +53,9 @@ def test_a_killed_engine_turns_ready_off_and_requests_get_503_not_a_hang(
     def die(*args: Any, **kwargs: Any) -> Any:
         raise EngineKilled
 
-    engine.model.step = die  # prefill
-    engine.core.decode.steps.run = die  # decode (the exported model has a decode graph)
+    core = engine.thread.core
+    core.model.step = die  # prefill
+    core.decode.steps.run = die  # decode (the exported model has a decode graph)
     killed_at = time.monotonic()
     with httpx.Client(base_url=url, timeout=5) as c:
         while c.get("/ready").status_code == 200:
@@ -204,8 +205,8 @@ def test_overload_admits_what_fits_the_wait_bound_and_retry_after_gets_the_rest_
     # predicted. A bound at a whole number of waves would make every verdict a coin toss.
     model = load_model(tiny_models / "tiny", RuntimeOptions(device="cpu"))
     core = EngineCore(model, max_batch=64, decode=serving_decode_graphs(model, 8))
-    core.calibrate()
-    max_wait = max(0.5, round(1.4 * core.calls(3000) * core.iteration_s, 2))
+    core.policy.calibrate()
+    max_wait = max(0.5, round(1.4 * core.policy.calls(3000) * core.policy.iteration_s, 2))
     srv = start_server(tiny_models, tmp_path / "server.log", max_batch="64",
                        max_wait_s=str(max_wait), max_queue="1000")
     first_try: list[dict[str, Any]] = []

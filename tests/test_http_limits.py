@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import ProcessServer, Server, start_server, stop_server
 
 TIMEOUT_S = 1.0  # the server's header and body timeouts here
 SLACK_S = 4.0  # a noisy 2-core machine; the point is "closed", not "closed at 1.00 s"
@@ -23,7 +23,8 @@ HEALTH_FAST_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def limited(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def limited(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[ProcessServer]:
     srv = start_server(tiny_models, tmp_path_factory.mktemp("limits") / "server.log",
                        header_timeout_s=str(TIMEOUT_S), body_timeout_s=str(TIMEOUT_S),
                        max_connections=str(MAX_CONNECTIONS))
@@ -91,7 +92,7 @@ def test_a_silent_connection_is_closed_with_408_within_the_header_timeout(
     assert error_type(reply) == "request_timeout"
 
 
-def test_a_trickled_header_is_closed_within_the_header_timeout(limited: Server) -> None:
+def test_a_trickled_header_is_closed_within_the_header_timeout(limited: ProcessServer) -> None:
     """Slowloris: each byte arrives in time, the header block never completes."""
     stop = threading.Event()
     with connect(limited) as s:
@@ -130,7 +131,7 @@ def test_a_body_shorter_than_its_content_length_is_closed_within_the_body_timeou
 
 
 @pytest.mark.parametrize("start", [b"X-Flood: ", b"X-Big: " + b"a" * (1 << 20) + b"\r\n"])
-def test_an_unterminated_header_stream_gets_431_and_health_stays_fast(limited: Server,
+def test_an_unterminated_header_stream_gets_431_and_health_stays_fast(limited: ProcessServer,
                                                                       start: bytes) -> None:
     """Such a stream used to be read without end: 172 MB pushed /health from 7 ms to 10.7 s,
     and a single 1 MB header got 200."""
@@ -160,7 +161,7 @@ def test_an_unterminated_header_stream_gets_431_and_health_stays_fast(limited: S
     ([b"X-Big: " + b"a" * 15_000], 200),  # within both limits
     ([b"X-%d: a" % i for i in range(97)], 200),  # 99 with Host and Connection
 ])
-def test_header_size_and_count_are_limited(limited: Server, headers: list[bytes],
+def test_header_size_and_count_are_limited(limited: ProcessServer, headers: list[bytes],
                                            status: int) -> None:
     with connect(limited) as s:
         s.sendall(b"\r\n".join([b"GET /health HTTP/1.1", b"Host: x", b"Connection: close",
@@ -172,7 +173,7 @@ def test_header_size_and_count_are_limited(limited: Server, headers: list[bytes]
         assert error_type(reply) == "headers_too_large"
 
 
-def test_header_floods_cost_no_more_memory_than_the_limit(limited: Server) -> None:
+def test_header_floods_cost_no_more_memory_than_the_limit(limited: ProcessServer) -> None:
     """20 connections sending 10 MB headers each added 230 MB to the server's RSS; here 10
     connections try the same."""
     def rss_kib() -> int:
@@ -198,7 +199,7 @@ def test_header_floods_cost_no_more_memory_than_the_limit(limited: Server) -> No
     assert health_s(limited) < HEALTH_FAST_S
 
 
-def test_a_kept_alive_connection_may_idle_past_the_header_timeout(limited: Server) -> None:
+def test_a_kept_alive_connection_may_idle_past_the_header_timeout(limited: ProcessServer) -> None:
     """The header timeout runs from a request's first byte, not from the previous reply: idle
     keep-alive connections stay open for uvicorn's 75 s (see test_load's keep-alive test)."""
     request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -210,7 +211,7 @@ def test_a_kept_alive_connection_may_idle_past_the_header_timeout(limited: Serve
         assert status_of(read_response(s)) == 200
 
 
-def test_a_body_that_pauses_less_than_the_body_timeout_is_served(limited: Server) -> None:
+def test_a_body_that_pauses_less_than_the_body_timeout_is_served(limited: ProcessServer) -> None:
     body = b'{"seed_text": "A", "max_new_chars": 3}'
     with connect(limited) as s:
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -221,7 +222,7 @@ def test_a_body_that_pauses_less_than_the_body_timeout_is_served(limited: Server
     assert status_of(reply) == 200
 
 
-def test_past_max_connections_new_requests_get_503_then_recover(limited: Server) -> None:
+def test_past_max_connections_new_requests_get_503_then_recover(limited: ProcessServer) -> None:
     socks = [connect(limited) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)

@@ -26,7 +26,7 @@ import psutil
 import pytest
 from httpx_sse import aconnect_sse
 
-from tests.conftest import ARTIFACTS, FULL, Server, start_server, stop_server
+from tests.conftest import ARTIFACTS, FULL, ProcessServer, Server, start_server, stop_server
 
 SOAK_S = 120.0 if FULL else 15.0
 SOAK_CLIENTS = 64
@@ -126,7 +126,8 @@ def async_client(server: Server) -> httpx.AsyncClient:
 
 
 @pytest.fixture(scope="module")
-def load_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def load_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[ProcessServer]:
     srv = start_server(tiny_models, tmp_path_factory.mktemp("load") / "server.log",
                        max_batch="256", max_queue="256")
     yield srv
@@ -142,7 +143,7 @@ class Soak:
     health_s: list[float] = field(default_factory=list)  # GET /health round trips meanwhile
 
 
-async def soak(server: Server, seconds: float) -> Soak:
+async def soak(server: ProcessServer, seconds: float) -> Soak:
     result = Soak()
     proc = psutil.Process(server.proc.pid)
     async with async_client(server) as client:
@@ -179,7 +180,7 @@ async def soak(server: Server, seconds: float) -> Soak:
 
 
 def test_soak_64_streaming_clients_complete_every_stream_and_memory_stays_flat(
-        load_server: Server) -> None:
+        load_server: ProcessServer) -> None:
     t0 = time.perf_counter()
     result = asyncio.run(soak(load_server, SOAK_S))
     wall = time.perf_counter() - t0
@@ -249,7 +250,7 @@ async def metrics_text(client: httpx.AsyncClient) -> str:
 
 
 def test_hundreds_of_clients_vanishing_mid_stream_free_their_rows_within_a_second(
-        load_server: Server) -> None:
+        load_server: ProcessServer) -> None:
     async def run() -> tuple[list[Stream], float, float, float]:
         async with async_client(load_server) as client:
             before = metric(await metrics_text(client), "charlstm_requests_total",

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.engine import EngineCore, GenerationParams, Sequence
+from app.engine.batch import Sequence
 from app.engine.cache import StateCache, prefix_digests
+from app.engine.core import EngineCore
 from app.runtime import RuntimeOptions, load_model
-from tests.fakes import FakeModel
+from tests.fakes import FakeModel, request
 
 
 def run_all(core: EngineCore, seqs: list[Sequence]) -> list[list[int]]:
@@ -30,8 +31,8 @@ def test_cached_prefixes_give_the_same_text_and_skip_their_prefill(tiny_models: 
         out: list[list[int]] = []
         seqs = []
         for i, text in enumerate(seeds):  # one after another: each can use the ones before
-            s = Sequence(GenerationParams(seed_ids=model.vocab.encode(text), max_new=80,
-                                          temperature=0.9, seed=11 + i))
+            s = Sequence(request(model.vocab.encode(text), max_new=80, temperature=0.9,
+                                 seed=11 + i))
             seqs.append(s)
             out += run_all(core, [s])
         return out, core, seqs
@@ -56,8 +57,8 @@ def test_the_cache_stays_within_its_byte_budget_under_many_seeds() -> None:
     budget = 20_000
     core = EngineCore(model, state_cache_bytes=budget)
     rng = np.random.default_rng(0)
-    seqs = [Sequence(GenerationParams(seed_ids=rng.integers(0, 7, 300).astype(np.int32),
-                                      max_new=2, temperature=0.0)) for _ in range(200)]
+    seqs = [Sequence(request(rng.integers(0, 7, 300), max_new=2, temperature=0.0))
+            for _ in range(200)]
     run_all(core, seqs)
     cache = core.cache
     assert cache is not None

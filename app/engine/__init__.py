@@ -1,16 +1,3 @@
-"""Continuous-batching decode: `core` owns the batch (no threads, no I/O); `local` drives it
-on a worker thread beside the HTTP event loop."""
-
-from app.engine.core import (
-    EngineCore,
-    EngineObserver,
-    GenerationParams,
-    QueueFullError,
-    Sequence,
-    StepModel,
-    TokenDetail,
-)
-from app.engine.local import Engine, EngineClosedError, Request
-
-__all__ = ["Engine", "EngineClosedError", "EngineCore", "EngineObserver", "GenerationParams",
-           "QueueFullError", "Request", "Sequence", "StepModel", "TokenDetail"]
+"""Continuous-batching decode. `messages`: the request and its events; `core`: the batch (no
+threads, no I/O) with `batch`, `admission` and `cache` beside it; `loop`: the core behind a
+ZeroMQ socket; `client`: the HTTP side of that socket; `process`: the engine process."""

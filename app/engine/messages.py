@@ -1,38 +1,87 @@
-"""Messages between HTTP workers and an engine process, as msgpack (msgspec) over ZeroMQ.
+"""The one request type and the one family of events of the engine, as msgspec structs.
 
-An HTTP worker's DEALER socket talks to the engine's ROUTER socket. Per step the engine
-sends each worker one `Outputs` message holding the new ids of all that worker's requests,
-never one message per character per request.
+A `GenerationRequest` is built once by the service (app/service.py) from the HTTP body and
+travels unchanged to the engine, in-process or over ZeroMQ (msgpack); the engine answers with
+`Event`s, which travel unchanged back to whoever reads the request's stream. Nothing copies a
+request or an event field by field on the way: a new sampling field is added to `Sampling` and
+read by the engine core (app/engine/batch.py), and the HTTP schema carries it by name.
+
+Over ZeroMQ an HTTP worker's DEALER socket talks to the engine's ROUTER socket; per flush the
+engine sends each worker one `Outputs` message holding the events of all its requests, never
+one message per character per request.
 """
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
+# Largest values the engine's per-row arrays hold; the HTTP schema refuses larger ones first,
+# and a request that reaches the engine with more fails alone instead of breaking the batch.
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**63
+TOP_ALTERNATIVES = 5  # alternatives per character with `details`
 
-class Hello(msgspec.Struct, tag="hello", array_like=True):
-    """A worker is here (sent on connect and as its heartbeat)."""
 
-    pid: int
+class Sampling(msgspec.Struct, frozen=True, array_like=True):
+    """How the next character is drawn. Fields are named as the HTTP schema names them, so
+    the service copies them by name (app/service.py `sampling_from`), and continuation handles
+    carry them whole."""
+
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int = 0  # 0 is off
+    top_p: float = 1.0  # 1 is off
+    seed: int = 0
+
+    def check(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature out of range: {self.temperature}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k out of range: {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p out of range: {self.top_p}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed out of range: {self.seed}")
 
 
-class Submit(msgspec.Struct, tag="submit", array_like=True):
-    rid: int  # unique within the worker
-    seed_ids: list[int]
+SAMPLING_FIELDS: tuple[str, ...] = Sampling.__struct_fields__
+
+
+class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only=True):
+    rid: int = 0  # set by the engine client: unique among its requests
+    seed_ids: list[int]  # non-empty: the seed (or the one id a continuation feeds next)
     max_new: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    stop: list[list[int]]
-    time_limit_s: float
-    details: bool
-    stream: bool
-    submitted_at: float  # time.perf_counter(): CLOCK_MONOTONIC, the same in every process
-    initial_states: list[bytes] | None = None  # a continuation's states, float32 (1, size)
+    sampling: Sampling = Sampling()
+    stop: list[list[int]] = msgspec.field(default_factory=list)
+    time_limit_s: float = 60.0
+    details: bool = False
+    # True: the reader wants characters as they arrive (streams). False: only the finish, so
+    # a caller waiting for the whole text costs nothing per step.
+    stream: bool = False
+    submitted_at: float = 0.0  # time.perf_counter(): CLOCK_MONOTONIC, the same in every process
+    # Continuations: start from these states (float32 (1, size) per state tensor) instead of
+    # zeros, with the random stream at `counter_start`; `resumable` keeps the final state.
+    initial_states: list[bytes] | None = None
     counter_start: int = 0
     resumable: bool = False
+    # State-cache partition (a digest of the caller's API key): one caller's cached seeds
+    # never speed up, and so never reveal themselves to, another.
     cache_scope: bytes = b""
+
+    def check(self) -> None:
+        """Raise ValueError unless every field fits the engine's arrays."""
+        if not self.seed_ids:
+            raise ValueError("seed must have at least one id")
+        if not 1 <= self.max_new < 2**62:
+            raise ValueError(f"max_new out of range: {self.max_new}")
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s out of range: {self.time_limit_s}")
+        if not 0 <= self.counter_start < 2**62:
+            raise ValueError(f"counter_start out of range: {self.counter_start}")
+        if len(self.cache_scope) > 64:
+            raise ValueError("cache_scope longer than 64 bytes")
+        self.sampling.check()
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -40,43 +89,102 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
-    """End every request of this worker now (its drain ran out of time)."""
+    """End every request of this client now (its drain ran out of time)."""
 
     error: str
 
 
-ToEngine = Hello | Submit | Cancel | Abort
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """A client is here (sent on connect and as its heartbeat)."""
+
+    pid: int
 
 
-class Admission(msgspec.Struct, tag="admission", array_like=True):
+ToEngine = GenerationRequest | Cancel | Abort | Hello
+
+
+# --- events: engine -> reader -------------------------------------------------------------
+
+class Admitted(msgspec.Struct, tag="admitted", array_like=True):
+    """Queued: the request will get a row (or finish with a reason)."""
+
     rid: int
-    refusal: str | None  # None: admitted
-    retry_after: int
 
 
-class Finish(msgspec.Struct, array_like=True):
-    reason: str
-    error: str | None
-    sampled: int
-    admitted_at: float | None
-    first_at: float | None
-    finished_at: float
+class Refused(msgspec.Struct, tag="refused", array_like=True):
+    """Not queued: the predicted wait or the queue is too long (`overloaded`, retry after
+    `retry_after` s), the engine is not taking requests (`unavailable`), or the request
+    cannot be run (`invalid`)."""
+
+    rid: int
+    kind: str  # overloaded | unavailable | invalid
+    message: str
+    retry_after: int = 1
+
+
+class Started(msgspec.Struct, array_like=True):
+    """When the request got its row and its first character (perf_counter seconds)."""
+
+    admitted_at: float
+    first_at: float
     prefill_s: float
-    final_states: list[bytes] | None = None  # resumable: state before the last character
-    final_id: int = 0
-    final_counter: int = 0
 
 
-class Delta(msgspec.Struct, array_like=True):
+# (probability at temperature 1, [(id, probability) of the likeliest ids])
+Detail = tuple[float, list[tuple[int, float]]]
+
+
+class Chars(msgspec.Struct, tag="chars", array_like=True):
+    """Characters (ids) emitted since the request's last event: never part of a stop string."""
+
     rid: int
     ids: list[int]
-    # (prob, [(id, prob), ...]) per sampled id, for requests that asked for details
-    details: list[tuple[float, list[tuple[int, float]]]] | None
-    finish: Finish | None
+    details: list[Detail] | None = None
+    started: Started | None = None  # with the request's first characters
+
+
+class Final(msgspec.Struct, array_like=True):
+    """What continuing a resumable request exactly needs: the state before its last id, that
+    id, and how many ids its random stream has given."""
+
+    states: list[bytes]
+    last_id: int
+    counter: int
+
+
+class Finished(msgspec.Struct, tag="finished", array_like=True):
+    """The last event of an admitted request."""
+
+    rid: int
+    reason: str  # length | stop | time_limit | cancelled | error
+    error: str | None
+    sampled: int
+    submitted_at: float
+    started: Started | None  # None when it never produced a character
+    finished_at: float
+    prefill_s: float
+    final: Final | None = None
+
+    def timings(self) -> dict[str, float]:
+        end, t0 = self.finished_at, self.submitted_at
+        admitted = self.started.admitted_at if self.started else end
+        first = self.started.first_at if self.started else end
+        return {
+            "queue_ms": round((admitted - t0) * 1e3, 3),
+            "prefill_ms": round(self.prefill_s * 1e3, 3),
+            "first_char_ms": round((first - t0) * 1e3, 3),
+            "decode_ms": round(max(end - admitted - self.prefill_s, 0.0) * 1e3, 3),
+            "total_ms": round((end - t0) * 1e3, 3),
+        }
+
+
+Event = Admitted | Refused | Chars | Finished
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):
-    deltas: list[Delta]
+    """One flush's events for one client."""
+
+    events: list[Event]
 
 
 class Status(msgspec.Struct, tag="status", array_like=True):
@@ -92,7 +200,7 @@ class Status(msgspec.Struct, tag="status", array_like=True):
     chars_per_s: float
 
 
-FromEngine = Admission | Outputs | Status
+FromEngine = Outputs | Status
 
 to_engine = msgspec.msgpack.Decoder(ToEngine)
 from_engine = msgspec.msgpack.Decoder(FromEngine)

@@ -1,0 +1,130 @@
+"""A request's events as an HTTP reply: one stream lifecycle for every route, formats apart.
+
+`/generate` and `/v1/completions` read the same events (app/service.py `ModelService.open`)
+and differ only in how they write them: a `StreamFormat` turns characters, errors and the
+summary into server-sent events; a JSON reply consumes the same events first. The lifecycle is
+written once: keep-alive comments while idle, a stream that fails says so before it ends, it
+always ends with its format's terminal events, the drain waits for it, and a client that goes
+away cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from fastapi.sse import KEEPALIVE_COMMENT
+
+from app.engine.messages import Detail, Event
+from app.errors import ClientGoneError
+from app.schemas import GenerateResponse
+from app.service import Job, ModelService, Reply
+
+T = TypeVar("T")
+
+
+def data_event(payload: Any) -> bytes:
+    """One `data:` event. orjson on the hot path (one call per chunk per stream); its JSON
+    escapes every newline, so the payload is a single SSE data line as the format needs."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def named_event(name: str, payload: Any) -> bytes:
+    return b"event: " + name.encode() + b"\n" + data_event(payload)
+
+
+class StreamFormat(Protocol):
+    def start(self) -> list[bytes]: ...
+    def chars(self, reply: Reply, ids: list[int], details: list[Detail] | None) -> bytes: ...
+    def error(self, type_: str, message: str) -> bytes: ...
+    def end(self, summary: GenerateResponse) -> list[bytes]: ...
+
+
+class NativeFormat:
+    """`/generate`: `data: {"text", "details"?}` per chunk, `event: error` if one happened,
+    `event: done` with the same summary as the JSON reply."""
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def chars(self, reply: Reply, ids: list[int], details: list[Detail] | None) -> bytes:
+        chunk: dict[str, Any] = {"text": reply.job.served.model.vocab.decode(ids)}
+        if details is not None:
+            chunk["details"] = [d.model_dump() for d in reply.char_details(ids, details)]
+        return data_event(chunk)
+
+    def error(self, type_: str, message: str) -> bytes:
+        return named_event("error", {"error": {"type": type_, "message": message}})
+
+    def end(self, summary: GenerateResponse) -> list[bytes]:
+        return [named_event("done", summary.model_dump(mode="json", exclude_none=True))]
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_response(svc: ModelService, job: Job, events: AsyncGenerator[Event | None, None],
+                 fmt: StreamFormat) -> StreamingResponse:
+    return StreamingResponse(sse_stream(svc, job, events, fmt), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def sse_stream(svc: ModelService, job: Job, events: AsyncGenerator[Event | None, None],
+                     fmt: StreamFormat) -> AsyncIterator[bytes]:
+    svc.open_streams += 1  # a drain waits for this stream's last event
+    try:
+        reply = Reply(job)
+        for chunk in fmt.start():
+            yield chunk
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if event is None:
+                        yield KEEPALIVE_COMMENT
+                    elif (new := reply.add(event)) is not None:
+                        yield fmt.chars(reply, *new)
+        except Exception as exc:  # never cut the stream silently: tell the client, then finish
+            yield fmt.error("internal_error", f"stream failed: {type(exc).__name__}")
+        summary = svc.summary(reply)
+        if summary.error:
+            yield fmt.error("generation_error", summary.error)
+        for chunk in fmt.end(summary):
+            yield chunk
+    finally:
+        svc.open_streams -= 1
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (a JSON reply has no stream
+    to fail on, so watch the connection for http.disconnect instead)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            # Cancelling closes the request's events, which cancels it in the engine;
+            # awaiting it here means that has happened before this handler returns.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientGoneError
+    return task.result()
+
+
+async def json_reply(request: Request, svc: ModelService, job: Job,
+                     events: AsyncGenerator[Event | None, None]) -> Reply:
+    """The whole reply, for a JSON answer; the client going away cancels it."""
+    return await until_disconnected(request, svc.collect(job, events))
