@@ -342,7 +342,7 @@ class ModelService:
         name the fields as the caller does (`names`)."""
         served = self.get(body.model)
         if body.continuation is not None:
-            return self._prepare_continuation(body, served, stream, names)
+            return self._prepare_continuation(body, served, stream, names, scope)
         s = self.settings
         vocab = served.model.vocab
         lower = served.model.meta.lowercase
@@ -396,7 +396,7 @@ class ModelService:
     CARRIED = ("seed_text", "temperature", "top_k", "top_p", "seed")
 
     def _prepare_continuation(self, body: GenerateRequest, served: Served, stream: bool,
-                              names: FieldNames) -> Prepared:
+                              names: FieldNames, scope: bytes) -> Prepared:
         s = self.settings
         clash = [f for f in self.CARRIED if f in body.model_fields_set]
         if clash:
@@ -407,7 +407,7 @@ class ModelService:
         graph = served.engine.graph  # "unknown" until a process engine's first heartbeat
         handle = verify(body.continuation or "", self.continuation_key, served.model.name,
                         meta, [st.size for st in meta.onnx.states], s.continuation_ttl_s,
-                        graph=None if graph == "unknown" else graph)
+                        scope=scope, graph=None if graph == "unknown" else graph)
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
         if not 1 <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
@@ -423,7 +423,8 @@ class ModelService:
             time_limit_s=min(body.time_limit_s or s.time_limit_s, s.time_limit_s),
             details=body.details, stream=stream,
             resumable=self._check_resumable(body, served),
-            initial_states=states_from_bytes(handle.states), counter_start=handle.counter)
+            initial_states=states_from_bytes(handle.states), counter_start=handle.counter,
+            cache_scope=scope)
         return Prepared(served, params, "", False)
 
     async def submit(self, prep: Prepared) -> Request:
@@ -459,7 +460,8 @@ class ModelService:
                 model=prep.served.model.name, model_id=model_id(prep.served.model.meta),
                 issued_at=time.time(), states=states_to_bytes(states), last_id=last_id,
                 counter=counter, seed=p.seed, temperature=p.temperature, top_k=p.top_k,
-                top_p=p.top_p, graph=prep.served.engine.graph), self.continuation_key)
+                top_p=p.top_p, graph=prep.served.engine.graph), self.continuation_key,
+                scope=p.cache_scope)
         return GenerateResponse(
             continuation=continuation,
             model=prep.served.model.name, text=text,
