@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     log_level: str = Field("info", description="Python logging level")
     continuation_key: str = Field(
-        "", description="secret that signs continuation handles; set the same one on every "
+        "", description="secret that seals continuation handles; set the same one on every "
         "replica for handles that work anywhere and survive restarts. Empty: a random key per "
         "start (handles then last until the service restarts)")
     continuation_ttl_s: float = Field(86400.0, gt=0, description="how long a continuation "
