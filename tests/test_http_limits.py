@@ -120,7 +120,8 @@ def test_a_trickled_header_is_closed_within_the_header_timeout(limited: Server) 
 def test_a_body_shorter_than_its_content_length_is_closed_within_the_body_timeout(
         limited: Server) -> None:
     with connect(limited) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"seed_text\": ")
         assert health_s(limited) < HEALTH_FAST_S
         reply, took = read_until_closed(s, TIMEOUT_S + SLACK_S)
@@ -213,7 +214,8 @@ def test_a_kept_alive_connection_may_idle_past_the_header_timeout(limited: Serve
 def test_a_body_that_pauses_less_than_the_body_timeout_is_served(limited: Server) -> None:
     body = b'{"seed_text": "A", "max_new_chars": 3}'
     with connect(limited) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\n"
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
         time.sleep(TIMEOUT_S / 2)
         s.sendall(body[10:])
