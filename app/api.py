@@ -15,7 +15,7 @@ from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetai
 from app.service import ModelService
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 413, 422, 429, 503)
 }
 
 

@@ -27,6 +27,10 @@ ONNX_FILE = "model.onnx"
 # and model.json files written before them still load. A decode graph carries its own version,
 # so its input/output contract can change without invalidating the rest of the artifact.
 DECODE_GRAPH_VERSION = 1
+# The largest model.json the service reads. One is a few kilobytes (its vocabulary and the
+# export's facts); even a vocabulary of every Unicode code point stays under 10 MiB. A larger
+# file is refused by its size, unread.
+MAX_METADATA_BYTES = 16 * 2**20
 
 
 class ArtifactError(Exception):
@@ -228,17 +232,21 @@ def check_inside(path: Path, models_dir: Path) -> None:
                             "copy it in, or link only within the folder")
 
 
-def check_artifact_file(path: Path, models_dir: Path) -> None:
-    """Refuse, without opening it, a file that leads outside the models folder or is not a
-    regular file: opening a FIFO blocks until something writes to it (start-up would hang with
-    no message), and a device may never end. A missing file passes, for the caller to name."""
+def _regular_file_stat(path: Path, models_dir: Path) -> os.stat_result | None:
+    """The stat of `path` (through its links) once it is known to be a regular file inside the
+    models folder; None when it is missing."""
     check_inside(path, models_dir)
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot be read: {exc}") from None
+    _refuse_unless_regular(path, st.st_mode)
+    return st
+
+
+def _refuse_unless_regular(path: Path, mode: int) -> None:
     for is_kind, kind in _NOT_REGULAR:
         if is_kind(mode):
             raise ArtifactError(f"{path}: is {kind}, not a regular file")
@@ -246,17 +254,90 @@ def check_artifact_file(path: Path, models_dir: Path) -> None:
         raise ArtifactError(f"{path}: not a regular file")
 
 
+def check_artifact_file(path: Path, models_dir: Path) -> None:
+    """Refuse, without opening it, a file that leads outside the models folder or is not a
+    regular file: opening a FIFO blocks until something writes to it (start-up would hang with
+    no message), and a device may never end. A missing file passes, for the caller to name."""
+    _regular_file_stat(path, models_dir)
+
+
+def open_artifact_file(path: Path, models_dir: Path) -> int:
+    """A read-only descriptor of `path`, a regular file inside the models folder, opened
+    without ever blocking: the checks above run on the name, and the name can be swapped for a
+    FIFO or a link between them and the open. O_NONBLOCK makes opening a FIFO return at once
+    (a blocking open waits for a writer, forever), and the opened file is checked again by
+    fstat: it must be the regular file that was checked. Raises FileNotFoundError when it is
+    missing, ArtifactError for everything else; the caller closes the descriptor."""
+    st = _regular_file_stat(path, models_dir)
+    if st is None:
+        raise FileNotFoundError(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read: {exc}") from None
+    try:
+        opened = os.fstat(fd)
+        _refuse_unless_regular(path, opened.st_mode)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            raise ArtifactError(f"{path}: was replaced while it was being opened; "
+                                "publish model folders by rename")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_artifact_file(path: Path, models_dir: Path, limit: int) -> bytes:
+    """The bytes of `path`, a regular file inside the models folder, at most `limit` of them:
+    a larger file is refused by its size before a byte is read (a model.json linked to a
+    400 MB file would otherwise be read whole), and a file growing meanwhile is read only up
+    to the limit. Raises FileNotFoundError when it is missing, ArtifactError otherwise."""
+    fd = open_artifact_file(path, models_dir)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ArtifactError(f"{path}: {size} bytes, more than the {limit} bytes this "
+                                "service reads from such a file")
+        chunks, got = [], 0
+        while got <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read: {exc}") from None
+    finally:
+        os.close(fd)
+    if got > limit:
+        raise ArtifactError(f"{path}: grew past the {limit} bytes this service reads from such "
+                            "a file while it was being read")
+    return b"".join(chunks)
+
+
+def copy_artifact_file(src: Path, dest: Path, models_dir: Path) -> None:
+    """Copy `src` (a regular file inside the models folder, opened as open_artifact_file does,
+    so never blocking) to `dest`, with its times and mode."""
+    fd = open_artifact_file(src, models_dir)
+    with os.fdopen(fd, "rb") as f_in, dest.open("xb") as f_out:
+        shutil.copyfileobj(f_in, f_out, 1 << 20)
+        st = os.fstat(fd)
+    os.chmod(dest, stat.S_IMODE(st.st_mode))
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def read_metadata(model_dir: Path) -> ModelMetadata:
     """Parse and validate `model_dir/model.json`, or raise ArtifactError naming the file.
     The folder holding `model_dir` is the models folder that its files must stay inside."""
     path = model_dir / METADATA_FILE
-    check_artifact_file(path, model_dir.parent)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = read_artifact_file(path, model_dir.parent, MAX_METADATA_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ArtifactError(
             f"{path}: missing (every model folder needs a {METADATA_FILE})") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ArtifactError(f"{path}: cannot be read: {exc}") from None
     try:
         meta = ModelMetadata.model_validate_json(raw)

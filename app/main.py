@@ -18,6 +18,7 @@ from app.auth import ApiKeyMiddleware
 from app.errors import install_handlers
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics
+from app.origin import OriginMiddleware
 from app.service import ModelService
 from app.settings import Settings
 
@@ -69,11 +70,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")
-    # Outermost last: CORS (so browsers can read every refusal), then the key check, then the
-    # body limit, so a caller without a key gets 401 before its body is measured or parsed.
+    # Outermost last: CORS (so browsers can read every refusal), then the Host and Origin
+    # check, then the key check, then the body limit: refusals come before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys,
                        routes=[route for r in routers for route in r.routes])
+    app.add_middleware(OriginMiddleware, bind_host=settings.host,
+                       allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],

@@ -40,11 +40,13 @@ from pathlib import Path
 from typing import Protocol
 
 from app.artifact import (
+    MAX_METADATA_BYTES,
     METADATA_FILE,
     ArtifactError,
     ModelMetadata,
-    check_artifact_file,
     check_inside,
+    copy_artifact_file,
+    read_artifact_file,
     read_metadata,
 )
 from app.engine.client import engine_address
@@ -153,17 +155,35 @@ def visible_folders(models_dir: Path) -> list[Path]:
 
 def fingerprint(folder: Path) -> str:
     """What a reload compares: model.json's bytes and the size and time of every graph. A
-    folder replaced by rename, a model.json rewritten, a graph re-quantized all change it."""
+    folder replaced by rename, a model.json rewritten, a graph re-quantized all change it.
+
+    It runs on the supervisor's loop, before check_folder, so it reads model.json as start-up
+    does (app.artifact.read_artifact_file): refused by stat when it is not a regular file
+    inside the models folder, never opened in a way that can block (a FIFO would stop the loop:
+    no reload answered, no engine restarted, no SIGTERM handled), never read past
+    MAX_METADATA_BYTES. A refused model.json counts by its refusal and its stat, so the
+    folder is refused once, and looked at again when that file changes."""
     h = hashlib.sha256()
+    path = folder / METADATA_FILE
     try:
-        h.update((folder / METADATA_FILE).read_bytes())
+        h.update(read_artifact_file(path, folder.parent, MAX_METADATA_BYTES))
     except FileNotFoundError:
         h.update(b"no model.json")
+    except ArtifactError as exc:
+        h.update(f"refused: {exc}; {_lstat_key(path)}".encode())
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.endswith(".onnx") and not entry.name.startswith("."):
             st = entry.stat()
             h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino};".encode())
     return h.hexdigest()
+
+
+def _lstat_key(path: Path) -> str:
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        return type(exc).__name__
+    return f"{st.st_mode}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def model_files(meta: ModelMetadata) -> list[str]:
@@ -186,11 +206,10 @@ def take_snapshot(folder: Path, meta: ModelMetadata, dest: Path) -> None:
     dest.mkdir(parents=True)
     for name in model_files(meta):
         src = folder / name
-        check_artifact_file(src, folder.parent)
-        if not src.exists():
-            continue
         try:
-            shutil.copy2(src, dest / name)
+            copy_artifact_file(src, dest / name, folder.parent)
+        except FileNotFoundError:
+            continue
         except OSError as exc:
             raise ArtifactError(f"{src}: cannot be copied: {exc}") from None
     shutil.copystat(folder, dest)  # its time is /v1/models' `created`

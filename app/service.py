@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from app.artifact import ArtifactError, ModelMetadata, check_inside, read_metadata
-from app.continuation import Handle, handle_model, model_id, sign, verify
+from app.continuation import Handle, model_id, open_handle, sign, verify
 from app.decode import load_served
 from app.engine.client import (
     EngineClient,
@@ -425,8 +425,9 @@ class ModelService:
                 f"a continuation carries its own seed and sampling parameters; do not send "
                 f"{', '.join(clash)} with it")
         token = body.continuation or ""
+        handle = open_handle(token, self.continuation_key, scope=scope)
         # The handle names its model: a request that names none continues that one.
-        owner = handle_model(token, self.continuation_key)
+        owner = handle.model
         if body.model is not None and body.model != owner:
             raise InvalidRequestError(
                 f"continuation belongs to model {owner!r}, but the request names model "
@@ -436,7 +437,8 @@ class ModelService:
         graph = served.engine.graph  # "unknown" until a process engine's first heartbeat
         handle = verify(token, self.continuation_key, served.model.name, meta,
                         [st.size for st in meta.onnx.states], s.continuation_ttl_s,
-                        graph=None if graph == "unknown" else graph)
+                        scope=scope, graph=None if graph == "unknown" else graph,
+                        handle=handle)
         request = GenerationRequest(
             seed_ids=[handle.last_id], max_new=self._max_new(body, names),
             sampling=handle.sampling, stop=self._stops(body, served),
@@ -510,7 +512,8 @@ class ModelService:
                 model=job.served.model.name, model_id=model_id(job.served.model.meta),
                 issued_at=time.time(), states=f.final.states, last_id=f.final.last_id,
                 counter=f.final.counter, sampling=job.request.sampling,
-                graph=job.served.engine.graph), self.continuation_key)
+                graph=job.served.engine.graph), self.continuation_key,
+                scope=job.request.cache_scope)
         return GenerateResponse(
             continuation=continuation, model=job.served.model.name, text=text,
             finish_reason=f.reason,

@@ -84,11 +84,17 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated bearer keys; empty disables auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed browser origins")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated host names (Host header, any port) "
+        "this service answers to besides localhost ones, and whose pages may POST to it: "
+        "'api.example.com', '*.example.com' (its subdomains), '*' (any Host). Empty: bound "
+        "to a loopback address, localhost names only (against DNS rebinding); bound to "
+        "another address, any Host")
     drain_s: float = Field(20.0, ge=0, description="SIGTERM grace period for running requests")
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     log_level: str = Field("info", description="Python logging level")
     continuation_key: str = Field(
-        "", description="secret that signs continuation handles; set the same one on every "
+        "", description="secret that seals continuation handles; set the same one on every "
         "replica for handles that work anywhere and survive restarts. Empty: a random key per "
         "start (handles then last until the service restarts)")
     continuation_ttl_s: float = Field(86400.0, gt=0, description="how long a continuation "
@@ -138,9 +144,19 @@ class Settings(BaseSettings):
                             prefill_chunk_chars=self.prefill_chunk_chars,
                             state_cache_bytes=int(self.state_cache_mb * 2**20))
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if "/" in entry or (":" in entry and not entry.startswith("[")
+                                and entry.count(":") == 1):
+                raise ValueError(f"takes host names without scheme or port (as "
+                                 f"'api.example.com' or '*.example.com'), got {entry!r}")
         return v

@@ -77,7 +77,7 @@ def test_expired_and_foreign_handles_are_refused(inprocess: tuple[str, Any]) -> 
             "model": "tiny", "model_id": model_id(meta), "issued_at": time.time(),
             "states": [bytes(4 * n) for n in sizes], "last_id": 1, "counter": 5,
             "sampling": Sampling(seed=3), **kw}
-        return sign(Handle(**fields), svc.continuation_key)
+        return sign(Handle(**fields), svc.continuation_key, scope=b"")
 
     with httpx.Client(base_url=url, timeout=30) as c:
         def refused(token: str) -> str:
@@ -91,7 +91,8 @@ def test_expired_and_foreign_handles_are_refused(inprocess: tuple[str, Any]) -> 
         # A state from another graph (the int8 variant) would continue with another text.
         assert "now served with model.onnx" in refused(handle(graph="model.int8.onnx"))
         other_key = sign(Handle("tiny", model_id(meta), time.time(),
-                                [bytes(4 * n) for n in sizes], 1, 5, Sampling(seed=3)), b"k")
+                                [bytes(4 * n) for n in sizes], 1, 5, Sampling(seed=3)), b"k",
+                         scope=b"")
         assert "not issued by this service" in refused(other_key)
         served = c.post("/generate", json={"continuation": handle(), "max_new_chars": 5})
         same_graph = c.post("/generate", json={"continuation": handle(graph="model.onnx"),

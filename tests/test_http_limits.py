@@ -96,7 +96,7 @@ def test_a_trickled_header_is_closed_within_the_header_timeout(limited: ProcessS
     """Slowloris: each byte arrives in time, the header block never completes."""
     stop = threading.Event()
     with connect(limited) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
 
         def trickle() -> None:
             try:
@@ -121,7 +121,8 @@ def test_a_trickled_header_is_closed_within_the_header_timeout(limited: ProcessS
 def test_a_body_shorter_than_its_content_length_is_closed_within_the_body_timeout(
         limited: Server) -> None:
     with connect(limited) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"seed_text\": ")
         assert health_s(limited) < HEALTH_FAST_S
         reply, took = read_until_closed(s, TIMEOUT_S + SLACK_S)
@@ -137,7 +138,7 @@ def test_an_unterminated_header_stream_gets_431_and_health_stays_fast(limited: P
     and a single 1 MB header got 200."""
     with connect(limited) as s:
         with contextlib.suppress(OSError):
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + start)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + start)
         sent = 0
         try:
             while sent < 50 << 20:
@@ -164,7 +165,7 @@ def test_an_unterminated_header_stream_gets_431_and_health_stays_fast(limited: P
 def test_header_size_and_count_are_limited(limited: ProcessServer, headers: list[bytes],
                                            status: int) -> None:
     with connect(limited) as s:
-        s.sendall(b"\r\n".join([b"GET /health HTTP/1.1", b"Host: x", b"Connection: close",
+        s.sendall(b"\r\n".join([b"GET /health HTTP/1.1", b"Host: localhost", b"Connection: close",
                                 *headers, b"", b""]))
         reply, took = read_until_closed(s, SLACK_S)
     assert took < SLACK_S
@@ -185,7 +186,7 @@ def test_header_floods_cost_no_more_memory_than_the_limit(limited: ProcessServer
     socks = [connect(limited) for _ in range(10)]
     try:
         for s in socks:
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Flood: ")
         # the server refuses each after 16 KiB; sends to a refused one fail, quickly
         for _ in range(160):  # up to 10 MB each, round robin
             for s in socks:
@@ -202,7 +203,7 @@ def test_header_floods_cost_no_more_memory_than_the_limit(limited: ProcessServer
 def test_a_kept_alive_connection_may_idle_past_the_header_timeout(limited: ProcessServer) -> None:
     """The header timeout runs from a request's first byte, not from the previous reply: idle
     keep-alive connections stay open for uvicorn's 75 s (see test_load's keep-alive test)."""
-    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
     with connect(limited) as s:
         s.sendall(request)
         assert status_of(read_response(s)) == 200
@@ -214,7 +215,8 @@ def test_a_kept_alive_connection_may_idle_past_the_header_timeout(limited: Proce
 def test_a_body_that_pauses_less_than_the_body_timeout_is_served(limited: ProcessServer) -> None:
     body = b'{"seed_text": "A", "max_new_chars": 3}'
     with connect(limited) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\n"
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
         time.sleep(TIMEOUT_S / 2)
         s.sendall(body[10:])

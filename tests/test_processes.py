@@ -85,9 +85,10 @@ def test_killing_the_engine_mid_stream_ends_streams_with_an_error_and_it_comes_b
         started = threading.Barrier(5, timeout=60)
 
         def read(i: int) -> None:
+            # Seeds of their own: none is cached whole, so each has a prefill to report.
             with httpx.Client(base_url=srv.url, timeout=60) as c, connect_sse(
-                    c, "POST", "/generate",
-                    json={"seed_text": "A", "max_new_chars": 5000, "stream": True}) as es:
+                    c, "POST", "/generate", json={"seed_text": "A" * (i + 1),
+                                                  "max_new_chars": 5000, "stream": True}) as es:
                 for n, ev in enumerate(es.iter_sse()):
                     events[i].append((ev.event, ev.json()))
                     if n == 0:

@@ -217,7 +217,7 @@ def admin_reload(settings: Settings, client: tuple[str, int],
 
     async def post() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, client=client)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             return await c.post("/admin/reload", headers=headers)
 
     return asyncio.run(post())

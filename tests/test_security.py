@@ -83,7 +83,8 @@ def test_a_request_without_a_key_gets_401_before_its_body_is_read(keyed_server: 
     # A body announced but never sent: the 401 cannot have waited for it.
     host, port = keyed_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\n"
+                  b"Content-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n")
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.1 401 ")
