@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
@@ -18,6 +17,7 @@ from app.auth import requires_key, tenant
 from app.errors import ClientGoneError, UnavailableError, error_body, error_response
 from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
 from app.service import ModelService, Prepared
+from app.sse_text import sse_json
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)
@@ -66,8 +66,9 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
 
 def data_event(payload: dict[str, Any]) -> bytes:
     """One `data:` event. orjson on the hot path (one call per chunk per stream); its JSON
-    escapes every newline, so the payload is a single SSE data line as the format needs."""
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    escapes every newline, and sse_json the separators str.splitlines also breaks at, so the
+    payload is a single SSE data line for every reader."""
+    return b"data: " + sse_json(payload) + b"\n\n"
 
 
 def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
