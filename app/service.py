@@ -59,7 +59,7 @@ from app.schemas import (
     shown,
 )
 from app.settings import Settings
-from app.vocab import Vocabulary
+from app.vocab import Vocabulary, normalize
 
 log = logging.getLogger(__name__)
 
@@ -346,12 +346,14 @@ class ModelService:
         s = self.settings
         vocab = served.model.vocab
         lower = served.model.meta.lowercase
-        seed_text = body.seed_text.lower() if lower else body.seed_text
+        form = served.model.meta.normalization
+        seed_text = normalize(body.seed_text.lower() if lower else body.seed_text, form)
         if len(seed_text) > s.max_seed_chars:
             raise InvalidRequestError(
                 f"{names.seed_text} must have at most {s.max_seed_chars} characters, "
                 f"got {len(seed_text)}")
-        unknown = vocab.unknown_lowercased(body.seed_text) if lower else vocab.unknown(seed_text)
+        unknown = (vocab.unknown_lowercased(body.seed_text) if lower and form is None
+                   else vocab.unknown(seed_text))
         if unknown:
             chars = ", ".join(repr(c) for c in unknown[:20])
             raise InvalidRequestError(
@@ -365,7 +367,7 @@ class ModelService:
                                else vocab.chars[0])
         stops = []
         for stop in body.stop or []:
-            text = stop.lower() if lower else stop
+            text = normalize(stop.lower() if lower else stop, form)
             if not vocab.unknown(text):  # a stop the model cannot spell can never occur
                 stops.append(tuple(int(i) for i in vocab.encode(text)))
         time_limit = min(body.time_limit_s or s.time_limit_s, s.time_limit_s)
@@ -376,7 +378,8 @@ class ModelService:
             stop=stops, time_limit_s=time_limit, details=body.details, stream=stream,
             resumable=self._check_resumable(body, served), cache_scope=scope,
         )
-        return Prepared(served, params, seed_text, lower and seed_text != body.seed_text)
+        return Prepared(served, params, seed_text,
+                        lower and body.seed_text.lower() != body.seed_text)
 
     def _check_resumable(self, body: GenerateRequest, served: Served) -> bool:
         """A handle must fit in a request body to be sent back (base64 of 4 bytes per state
@@ -413,9 +416,9 @@ class ModelService:
             raise InvalidRequestError(
                 f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
         vocab = served.model.vocab
-        stops = [tuple(int(i) for i in vocab.encode(t.lower() if meta.lowercase else t))
-                 for t in body.stop or [] if not vocab.unknown(t.lower() if meta.lowercase
-                                                                 else t)]
+        texts = [normalize(t.lower() if meta.lowercase else t, meta.normalization)
+                 for t in body.stop or []]
+        stops = [tuple(int(i) for i in vocab.encode(t)) for t in texts if not vocab.unknown(t)]
         params = GenerationParams(
             seed_ids=np.array([handle.last_id], np.int32), max_new=max_new,
             temperature=handle.temperature, top_k=handle.top_k, top_p=handle.top_p,
