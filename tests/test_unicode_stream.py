@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from openai import OpenAI
 from app.sse_text import escape_separators, sse_event, sse_json
 from client import AsyncClient, Client
 from client._sse import GenerationEvents, LineSplitter
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import ROOT, Server, start_server, stop_server
 from tests.modelgen import UNICODE_VOCAB
 
 SEPARATORS = "\u2028\u2029\u0085"
@@ -90,10 +93,11 @@ def unicode_server(unicode_models: Path, tmp_path_factory: pytest.TempPathFactor
     stop_server(srv)
 
 
-def json_reply(srv: Server, seed_text: str, seed: int) -> dict[str, object]:
+def json_reply(srv: Server, seed_text: str, seed: int, max_new_chars: int = 300
+               ) -> dict[str, object]:
     with srv.client() as c:
         r = c.post("/generate", json={"seed_text": seed_text, "seed": seed, "temperature": 1.0,
-                                      "max_new_chars": 300})
+                                      "max_new_chars": max_new_chars})
     assert r.status_code == 200, r.text
     reply: dict[str, object] = r.json()
     return reply
@@ -169,3 +173,31 @@ def test_openai_client_streams_what_json_returns(unicode_server: Server) -> None
             stream=True) if part.choices)
         assert got == want
         assert want == json_reply(unicode_server, seed_text, seed)["text"]
+
+
+# --- the CLI on a terminal that cannot show every character ------------------------------------
+def run_client(*args: str, encoding: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True,
+                          timeout=60, env={**os.environ, "PYTHONIOENCODING": encoding})
+
+
+def test_cli_escapes_what_an_ascii_stdout_cannot_hold(unicode_server: Server) -> None:
+    args = ("--max-new-chars", "200", "--seed", "2", "--temperature", "1", "--url",
+            unicode_server.url)
+    text = str(json_reply(unicode_server, "中文", 2, max_new_chars=200)["text"])
+    for stream in (), ("--no-stream",):
+        res = run_client("中文", *args, *stream, encoding="ascii")
+        assert res.returncode == 0, res.stderr.decode()
+        assert b"Traceback" not in res.stderr
+        assert res.stdout == ("中文" + text + "\n").encode("ascii", "backslashreplace")
+        assert res.stderr.startswith(b"[length: 200 chars, seed 2, ")
+    utf8 = run_client("中文", *args, encoding="utf-8")  # a UTF-8 stream gets the text as it is
+    assert utf8.stdout == ("中文" + text + "\n").encode()
+
+
+def test_cli_error_naming_characters_reaches_an_ascii_stderr(unicode_server: Server) -> None:
+    res = run_client("жук", "--url", unicode_server.url, encoding="ascii")
+    assert res.returncode == 1
+    assert b"Traceback" not in res.stderr
+    assert res.stderr.startswith(b"charlstm: error: ")
+    assert b"'\\u0436'" in res.stderr
