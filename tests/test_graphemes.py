@@ -6,10 +6,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.graphemes import ClusterBuffer, cluster_boundaries
+from tests.conftest import FULL
 from tests.modelgen import UNICODE_VOCAB
 
 # The unicode model's vocabulary, with the pieces that join clusters drawn more often.
@@ -17,6 +18,9 @@ JOINERS = ["\u0301", "\u0308", "\u0323", "\u200d", "\ufe0f", "\U0001f3fd", "\U00
            "\U0001f1f7", "\r", "\n"]
 CHARS = st.one_of(st.sampled_from(UNICODE_VOCAB), st.sampled_from(JOINERS))
 TEXT = st.text(CHARS, max_size=80)
+# As tests/test_properties.py: no deadline on shared cores; a fixed set of examples unless
+# CHARLSTM_FULL=1.
+props = settings(max_examples=2000 if FULL else 100, deadline=None, derandomize=not FULL)
 
 
 def pieces_of(text: str, cuts: list[int]) -> list[str]:
@@ -30,6 +34,7 @@ def run(buf: ClusterBuffer, pieces: list[str]) -> list[str]:
     return out
 
 
+@props
 @given(TEXT, st.lists(st.integers(0, 1000), max_size=20))
 def test_pieces_concatenate_to_the_text_and_cut_only_between_clusters(
         text: str, cuts: list[int]) -> None:
@@ -42,6 +47,7 @@ def test_pieces_concatenate_to_the_text_and_cut_only_between_clusters(
         assert offset in boundaries, (text, out)
 
 
+@props
 @given(TEXT, st.lists(st.integers(0, 1000), max_size=20))
 def test_only_the_last_cluster_is_held(text: str, cuts: list[int]) -> None:
     buf = ClusterBuffer()
@@ -54,6 +60,7 @@ def test_only_the_last_cluster_is_held(text: str, cuts: list[int]) -> None:
         assert buf.held != last or not last.endswith("\n")
 
 
+@props
 @given(st.text(CHARS, max_size=60), st.lists(st.integers(0, 1000), max_size=20),
        st.integers(1, 4))
 def test_a_cluster_longer_than_max_hold_is_sent_as_it_grows(text: str, cuts: list[int],

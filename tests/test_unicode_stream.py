@@ -18,20 +18,23 @@ from pathlib import Path
 import httpx
 import pytest
 from httpx_sse import connect_sse
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai import OpenAI
 
 from app.sse_text import escape_separators, sse_event, sse_json
 from client import AsyncClient, Client
 from client._sse import GenerationEvents, LineSplitter
-from tests.conftest import ROOT, Server, start_server, stop_server
+from tests.conftest import FULL, ROOT, Server, start_server, stop_server
 from tests.modelgen import UNICODE_VOCAB
 
 SEPARATORS = "\u2028\u2029\u0085"
 # (seed_text, seed): the issue's own seed first; the others start in the middle of clusters.
 CASES = [("a\u2028b ", 1), ("中文", 2), ("👨\u200d👩", 3), ("e\u0301\r\n", 4), ("", 5)]
 TEXT = st.text(st.sampled_from(UNICODE_VOCAB), max_size=60)
+# As tests/test_properties.py: no deadline on shared cores; a fixed set of examples unless
+# CHARLSTM_FULL=1.
+props = settings(max_examples=2000 if FULL else 100, deadline=None, derandomize=not FULL)
 
 
 # --- the client's line splitter -----------------------------------------------------------------
@@ -45,6 +48,7 @@ def test_lines_end_at_cr_lf_and_crlf_only() -> None:
     assert split_all([data]) == ["a\u2028b\u2029c\u0085d\x0be\x1cf", "g", "h", "i", "", "j", ""]
 
 
+@props
 @given(TEXT, st.lists(st.integers(0, 200), max_size=8))
 def test_line_splitting_does_not_depend_on_where_reads_end(text: str, cuts: list[int]) -> None:
     data = (text + "\n").encode()
@@ -68,6 +72,7 @@ def test_events_hold_separators_raw_or_escaped() -> None:
 
 
 # --- the server's escaping ------------------------------------------------------------------
+@props
 @given(TEXT)
 def test_sse_json_is_one_line_for_every_reader(text: str) -> None:
     payload = {"text": text, "details": [{"char": c} for c in text]}
