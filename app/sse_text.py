@@ -16,21 +16,22 @@ as JSON-in-JavaScript encoders do: the value a parser reads is unchanged.
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 # UTF-8 bytes of each character -> its JSON escape. In UTF-8 these byte strings occur only as
 # these characters, and outside strings JSON holds none of them, so replacing bytes is exact.
-_ESCAPES = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"),
-            (b"\xc2\x85", b"\\u0085"))
+_ESCAPES = {b"\xe2\x80\xa8": b"\\u2028", b"\xe2\x80\xa9": b"\\u2029", b"\xc2\x85": b"\\u0085"}
+_SEPARATOR = re.compile(b"|".join(_ESCAPES))
 
 
 def escape_separators(json_text: bytes | str) -> bytes:
     """JSON text -> the same JSON value with U+2028, U+2029 and U+0085 written as escapes."""
     data = json_text.encode() if isinstance(json_text, str) else json_text
-    for raw, escaped in _ESCAPES:
-        if raw in data:  # rare: skip the copy on the hot path
-            data = data.replace(raw, escaped)
-    return data
+    if data.isascii():  # most chunks: one fast scan, no copy
+        return data
+    return _SEPARATOR.sub(lambda m: _ESCAPES[m.group()], data)
 
 
 def sse_json(payload: object) -> bytes:
