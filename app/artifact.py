@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.vocab import Vocabulary, VocabularyError
+from app.vocab import Normalization, Vocabulary, VocabularyError
 
 FORMAT_VERSION = 1
 METADATA_FILE = "model.json"
@@ -172,6 +172,9 @@ class ModelMetadata(_Strict):
     name: str
     vocab: list[str]
     lowercase: bool
+    # The Unicode normalisation form the corpus was put in (app.vocab.normalize, after
+    # lowercasing), which the service applies to seeds and stops too; None: the text as it was.
+    normalization: Normalization | None = None
     architecture: Architecture
     onnx: OnnxSpec
     corpus: CorpusInfo

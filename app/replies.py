@@ -3,9 +3,9 @@
 `/generate` and `/v1/completions` read the same events (app/service.py `ModelService.open`)
 and differ only in how they write them: a `StreamFormat` turns characters, errors and the
 summary into server-sent events; a JSON reply consumes the same events first. The lifecycle is
-written once: keep-alive comments while idle, a stream that fails says so before it ends, it
-always ends with its format's terminal events, the drain waits for it, and a client that goes
-away cancels its request.
+written once: events end on grapheme-cluster boundaries, keep-alive comments while idle, a
+stream that fails says so before it ends, it always ends with its format's terminal events,
+the drain waits for it, and a client that goes away cancels its request.
 """
 
 from __future__ import annotations
@@ -15,27 +15,57 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any, Protocol, TypeVar
 
-import orjson
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT
 
 from app.engine.messages import Detail, Event
 from app.errors import ClientGoneError
+from app.graphemes import ClusterBuffer
 from app.schemas import GenerateResponse
 from app.service import Job, ModelService, Reply
+from app.sse_text import sse_event
 
 T = TypeVar("T")
 
 
 def data_event(payload: Any) -> bytes:
-    """One `data:` event. orjson on the hot path (one call per chunk per stream); its JSON
-    escapes every newline, so the payload is a single SSE data line as the format needs."""
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    """One `data:` event: one line of JSON every reader splits alike (app/sse_text.py)."""
+    return sse_event(payload)
 
 
 def named_event(name: str, payload: Any) -> bytes:
-    return b"event: " + name.encode() + b"\n" + data_event(payload)
+    return sse_event(payload, name)
+
+
+class Holdback:
+    """Characters and their details held until their grapheme cluster is complete, so no
+    event begins or ends inside what a reader sees as one character (a combining mark, a
+    ZWJ sequence, a flag, CRLF). A vocabulary entry is one code point, so the ids held are
+    the code points held."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.vocab = reply.job.served.model.vocab
+        self.clusters = ClusterBuffer()
+        self.ids: list[int] = []
+        self.details: list[Detail] | None = None
+
+    def push(self, ids: list[int], details: list[Detail] | None
+             ) -> tuple[list[int], list[Detail] | None]:
+        self.ids += ids
+        if details is not None:
+            self.details = (self.details or []) + details
+        return self._take(len(self.clusters.push(self.vocab.decode(ids))))
+
+    def flush(self) -> tuple[list[int], list[Detail] | None]:
+        return self._take(len(self.clusters.flush()))
+
+    def _take(self, n: int) -> tuple[list[int], list[Detail] | None]:
+        ids, self.ids = self.ids[:n], self.ids[n:]
+        details = None
+        if self.details is not None:
+            details, self.details = self.details[:n], self.details[n:]
+        return ids, details
 
 
 class StreamFormat(Protocol):
@@ -79,6 +109,7 @@ async def sse_stream(svc: ModelService, job: Job, events: AsyncGenerator[Event |
     svc.open_streams += 1  # a drain waits for this stream's last event
     try:
         reply = Reply(job)
+        held = Holdback(reply)
         for chunk in fmt.start():
             yield chunk
         try:
@@ -87,9 +118,14 @@ async def sse_stream(svc: ModelService, job: Job, events: AsyncGenerator[Event |
                     if event is None:
                         yield KEEPALIVE_COMMENT
                     elif (new := reply.add(event)) is not None:
-                        yield fmt.chars(reply, *new)
+                        ids, details = held.push(*new)
+                        if ids:
+                            yield fmt.chars(reply, ids, details)
         except Exception as exc:  # never cut the stream silently: tell the client, then finish
             yield fmt.error("internal_error", f"stream failed: {type(exc).__name__}")
+        ids, details = held.flush()
+        if ids:
+            yield fmt.chars(reply, ids, details)
         summary = svc.summary(reply)
         if summary.error:
             yield fmt.error("generation_error", summary.error)

@@ -63,7 +63,7 @@ from app.schemas import (
     shown,
 )
 from app.settings import Settings
-from app.vocab import Vocabulary
+from app.vocab import Vocabulary, normalize
 
 log = logging.getLogger(__name__)
 
@@ -358,12 +358,14 @@ class ModelService:
         s = self.settings
         vocab = served.model.vocab
         lower = served.model.meta.lowercase
-        seed_text = body.seed_text.lower() if lower else body.seed_text
+        form = served.model.meta.normalization
+        seed_text = normalize(body.seed_text.lower() if lower else body.seed_text, form)
         if len(seed_text) > s.max_seed_chars:
             raise InvalidRequestError(
                 f"{names.seed_text} must have at most {s.max_seed_chars} characters, "
                 f"got {len(seed_text)}")
-        unknown = vocab.unknown_lowercased(body.seed_text) if lower else vocab.unknown(seed_text)
+        unknown = (vocab.unknown_lowercased(body.seed_text) if lower and form is None
+                   else vocab.unknown(seed_text))
         if unknown:
             chars = ", ".join(repr(c) for c in unknown[:20])
             raise InvalidRequestError(
@@ -378,7 +380,7 @@ class ModelService:
             stop=self._stops(body, served), time_limit_s=self._time_limit(body),
             details=body.details, stream=stream, resumable=self._check_resumable(body, served),
             cache_scope=scope)
-        return Job(served, request, seed_text, lower and seed_text != body.seed_text)
+        return Job(served, request, seed_text, lower and body.seed_text.lower() != body.seed_text)
 
     def _max_new(self, body: GenerateRequest, names: FieldNames) -> int:
         s = self.settings
@@ -390,8 +392,10 @@ class ModelService:
 
     @staticmethod
     def _stops(body: GenerateRequest, served: Served) -> list[list[int]]:
-        vocab, lower = served.model.vocab, served.model.meta.lowercase
-        texts = [t.lower() if lower else t for t in body.stop or []]
+        """Stop strings as the model spells them: lowercased and normalised as seeds are."""
+        vocab, meta = served.model.vocab, served.model.meta
+        texts = [normalize(t.lower() if meta.lowercase else t, meta.normalization)
+                 for t in body.stop or []]
         # A stop the model cannot spell can never occur.
         return [vocab.encode(t).tolist() for t in texts if not vocab.unknown(t)]
 

@@ -6,11 +6,29 @@ which id a character has; training and serving both use this class.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+Normalization = Literal["NFC", "NFKC"]
+NORMALIZATIONS: tuple[Normalization, ...] = ("NFC", "NFKC")
+
+
+def normalize(text: str, form: str | None) -> str:
+    """`text` in the Unicode normalisation form a model was trained with (model.json
+    `normalization`; None: the text as it is). Training applies it to the corpus after any
+    lowercasing, and the service to seeds and stop strings the same way, so "ế" typed
+    precomposed (U+1EBF) and "ê" + U+0301 reach an NFC model as the same character."""
+    if form is None:
+        return text
+    if form not in NORMALIZATIONS:
+        raise ValueError(f"normalisation must be one of {', '.join(NORMALIZATIONS)} or none, "
+                         f"got {form!r}")
+    return unicodedata.normalize(form, text)
 
 
 class VocabularyError(ValueError):

@@ -10,6 +10,7 @@ seed to reproduce the text) or a one-line error goes to stderr. Exit status: 0 o
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -79,8 +80,19 @@ def run(args: argparse.Namespace, echo: Echo) -> GenerationResult:
         return stream.result
 
 
+def write_anything(stream: TextIO) -> None:
+    """Let a stream whose encoding cannot hold every character (PYTHONIOENCODING=ascii, a
+    Latin-1 locale, a Windows console) write the others as escapes (`\\u4e2d`) instead of
+    failing mid-text with UnicodeEncodeError: a model's text, and a refusal naming the
+    characters it does not know, can hold any character."""
+    if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    write_anything(sys.stdout)
+    write_anything(sys.stderr)
     echo = Echo(sys.stdout, args.seed_text)
     try:
         result = run(args, echo)

@@ -160,9 +160,8 @@ class Stream(Iterator[str]):
         events = GenerationEvents()
         try:
             with transport_errors(self._url):
-                for line in response.iter_lines():
-                    if text := events.feed(line):
-                        yield text
+                for data in response.iter_bytes():
+                    yield from events.feed_bytes(data)
         finally:
             response.close()
         self._result = events.result
@@ -203,8 +202,8 @@ class AsyncStream(AsyncIterator[str]):
         events = GenerationEvents()
         try:
             with transport_errors(self._url):
-                async for line in response.aiter_lines():
-                    if text := events.feed(line):
+                async for data in response.aiter_bytes():
+                    for text in events.feed_bytes(data):
                         yield text
         finally:
             await response.aclose()

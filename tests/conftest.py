@@ -185,3 +185,15 @@ def server(tiny_models: Path) -> Iterator[InProcessServer]:
     srv = InProcessServer(tiny_models, max_batch=64)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def unicode_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding `unicode`: a tiny untrained LSTM (tests/modelgen.py, no
+    TensorFlow) whose vocabulary is tests.modelgen.UNICODE_VOCAB: CJK, Hangul, astral emoji
+    with ZWJ, skin tone and flag parts, combining marks, U+2028/U+2029/U+0085, CR and controls."""
+    from tests.modelgen import UNICODE_VOCAB, build_model
+
+    models = tmp_path_factory.mktemp("unicode") / "models"
+    build_model(models, "unicode", UNICODE_VOCAB, seed=25)
+    return models

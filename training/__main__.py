@@ -66,6 +66,12 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--models-dir", type=Path, default=_models_dir_default(),
                    help="models folder for --name ($CHARLSTM_MODELS_DIR, else models)")
     p.add_argument("--lowercase", action="store_true", help="lowercase the text first")
+    p.add_argument("--normalize", choices=["none", "NFC", "NFKC"], default="none",
+                   help="put the text in this Unicode normalisation form (after --lowercase): "
+                   "NFC composes 'e' + U+0301 into 'é', NFKC also folds compatibility forms "
+                   "('ﬁ' -> 'fi', full-width letters); recorded in model.json, and the service "
+                   "applies it to seeds and stop strings, so either spelling of a character "
+                   "reaches the model")
     p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell")
     p.add_argument("--layers", type=int, default=2, help="number of stacked recurrent layers")
     p.add_argument("--units", type=int, default=256, help="units per recurrent layer")
@@ -316,7 +322,8 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
     # A progress bar only on a terminal: in a file it is control codes and backspaces.
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
     result = train(TrainOptions(
-        corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase, cell=args.cell,
+        corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase,
+        normalization=None if args.normalize == "none" else args.normalize, cell=args.cell,
         layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
         dropout=args.dropout, seq_len=args.seq_len, batch_size=args.batch_size,
         epochs=args.epochs, learning_rate=args.lr, clipnorm=args.clipnorm,

@@ -10,6 +10,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.vocab import normalize
+
 NAMED_CORPORA: dict[str, str] = {
     "shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
     "nietzsche": "https://s3.amazonaws.com/text-datasets/nietzsche.txt",
@@ -24,9 +26,10 @@ class CorpusError(ValueError):
 class Corpus:
     name: str
     files: list[str]
-    text: str  # after optional lowercasing
+    text: str  # after optional lowercasing, then normalisation
     sha256: str  # of the raw bytes of all files, in order
     lowercase: bool
+    normalization: str | None = None  # NFC, NFKC (app.vocab.normalize) or None
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +73,11 @@ def resolve(sources: list[str], cache_dir: Path | None = None) -> tuple[str, lis
     return name, paths
 
 
-def load(sources: list[str], lowercase: bool = False, cache_dir: Path | None = None) -> Corpus:
+def load(sources: list[str], lowercase: bool = False, cache_dir: Path | None = None,
+         normalization: str | None = None) -> Corpus:
+    """The text of `sources`, each file decoded as UTF-8 without its byte-order mark (editors
+    on Windows write one; as text it would be the character U+FEFF at each file's start, a
+    vocabulary entry for nothing), then lowercased and normalised if asked."""
     name, paths = resolve(sources, cache_dir)
     digest = hashlib.sha256()
     parts: list[str] = []
@@ -78,15 +85,17 @@ def load(sources: list[str], lowercase: bool = False, cache_dir: Path | None = N
         raw = path.read_bytes()
         digest.update(raw)
         try:
-            parts.append(raw.decode("utf-8"))
+            parts.append(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
             raise CorpusError(f"{path}: not UTF-8 text ({exc})") from exc
     text = "".join(parts)
     if lowercase:
         text = text.lower()
+    text = normalize(text, normalization)
     if len(text) < 2:
         raise CorpusError(f"corpus {name!r} has {len(text)} characters; need at least 2")
-    return Corpus(name, [str(p) for p in paths], text, digest.hexdigest(), lowercase)
+    return Corpus(name, [str(p) for p in paths], text, digest.hexdigest(), lowercase,
+                  normalization)
 
 
 def sources_for(name: str, files: list[str]) -> list[str]:

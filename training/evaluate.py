@@ -28,8 +28,10 @@ from app.artifact import (
     write_metadata,
 )
 from app.runtime import OnnxModel, RuntimeOptions, load_model
+from app.vocab import normalize
 from training import corpus as corpus_mod
 from training import data
+from training.display import for_terminal
 from training.generate import StepFn, generate
 
 NANOGPT_BLOCK = 256
@@ -154,7 +156,7 @@ def load_text(meta: ModelMetadata, texts: list[Path]) -> corpus_mod.Corpus:
         sources = [str(p) for p in texts]
     else:
         sources = corpus_mod.sources_for(meta.corpus.name, meta.corpus.files)
-    return corpus_mod.load(sources, lowercase=meta.lowercase)
+    return corpus_mod.load(sources, lowercase=meta.lowercase, normalization=meta.normalization)
 
 
 def validation_ids(model: OnnxModel, corpus: corpus_mod.Corpus, val_fraction: float
@@ -212,9 +214,10 @@ def sample_cli(model_dir: Path, seed_text: str, temperatures: list[float], lengt
     model = load_model(model_dir, RuntimeOptions(device="cpu"))
     if model.meta.lowercase:
         seed_text = seed_text.lower()
+    seed_text = normalize(seed_text, model.meta.normalization)
     texts = generate(model.run_numpy, model.vocab, seed_text, temperatures, length,
                      len(model.state_in), model.state_sizes[0], np.random.default_rng(seed))
     for t, text in zip(temperatures, texts, strict=True):
-        print(f"--- temperature {t}\n{seed_text}{text}\n")
+        print(f"--- temperature {t}\n{for_terminal(seed_text + text)}\n")
     return texts
 

@@ -140,7 +140,8 @@ def _versions() -> dict[str, str]:
 def _load_corpus(saved: dict[str, Any]) -> corpus_mod.Corpus:
     info = saved["corpus"]
     sources = corpus_mod.sources_for(info["name"], info["files"])
-    corpus = corpus_mod.load(sources, lowercase=bool(saved["lowercase"]))
+    corpus = corpus_mod.load(sources, lowercase=bool(saved["lowercase"]),
+                             normalization=saved.get("normalization"))
     if corpus.sha256 != info["sha256"]:
         raise ExportError(f"corpus {sources} has sha256 {corpus.sha256[:16]}..., but the model was "
                           f"trained on {info['sha256'][:16]}...")
@@ -178,6 +179,7 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
             name=name,
             vocab=vocab.chars,
             lowercase=bool(saved["lowercase"]),
+            normalization=saved.get("normalization"),
             architecture=Architecture(
                 cell=cfg.cell, layers=cfg.layers, units=cfg.units,
                 embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,

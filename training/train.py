@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from app.vocab import Vocabulary
 from training import corpus as corpus_mod
 from training import data
+from training.display import for_terminal, name_chars
 from training.model import (
     ModelConfig,
     build_inference_model,
@@ -57,6 +59,7 @@ class TrainOptions:
     corpus: list[str]
     run_dir: Path
     lowercase: bool = False
+    normalization: str | None = None  # NFC / NFKC (app.vocab.normalize), after lowercasing
     cell: str = "lstm"
     layers: int = 2
     units: int = 256
@@ -131,7 +134,29 @@ def _check_resume(run_dir: Path, vocab: Vocabulary, opts: TrainOptions) -> dict[
         )
     if bool(saved["lowercase"]) != opts.lowercase:
         raise ResumeError(f"the checkpoint was trained with lowercase={saved['lowercase']}")
+    if saved.get("normalization") != opts.normalization:
+        raise ResumeError(f"the checkpoint was trained with --normalize "
+                          f"{saved.get('normalization') or 'none'}")
     return saved
+
+
+def report_vocabulary(vocab: Vocabulary, train_ids: npt.NDArray[np.int32],
+                      val_ids: npt.NDArray[np.int32]) -> list[str]:
+    """Print the vocabulary's size, and warn about characters that occur only in the validation
+    split: no training window has them, as input or target, so the model learns to give them
+    almost no probability, and the validation loss pays for each. Returns those characters,
+    the most frequent in validation first."""
+    print(f"vocabulary: {len(vocab):,} characters ({len(train_ids):,} training, "
+          f"{len(val_ids):,} validation characters)", flush=True)
+    ids, counts = np.unique(val_ids, return_counts=True)
+    only = np.isin(ids, train_ids, invert=True)
+    unseen = [vocab.chars[int(i)] for i in ids[only][np.argsort(-counts[only], kind="stable")]]
+    if unseen:
+        print(f"warning: {len(unseen):,} of {len(vocab):,} characters occur only in the "
+              f"validation split ({int(counts[only].sum()):,} of its {len(val_ids):,} "
+              f"characters); the model never trains on them and can hardly predict them: "
+              f"{name_chars(unseen)}", file=sys.stderr, flush=True)
+    return unseen
 
 
 def _check_new_run(run_dir: Path, force: bool) -> None:
@@ -255,7 +280,7 @@ class _EpochReport:
         for t, text in zip(SAMPLE_TEMPERATURES, texts, strict=True):
             lines.append(f"--- temperature {t}\n{seed}{text}")
         block = "\n".join(lines) + "\n"
-        print(block, flush=True)
+        print(for_terminal(block), flush=True)
         with (self.opts.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as f:
             f.write(block)
 
@@ -348,7 +373,8 @@ def train(opts: TrainOptions) -> TrainResult:
         _check_new_run(opts.run_dir, opts.force)  # before the slow imports and corpus
     import keras
 
-    corpus = corpus_mod.load(opts.corpus, lowercase=opts.lowercase)
+    corpus = corpus_mod.load(opts.corpus, lowercase=opts.lowercase,
+                             normalization=opts.normalization)
     vocab = Vocabulary.from_text([corpus.text])
     ids = vocab.encode(corpus.text)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
@@ -362,6 +388,7 @@ def train(opts: TrainOptions) -> TrainResult:
                        val_fraction=float(saved["val_fraction"]), stateful=stateful,
                        batch_size=int(saved["batch_size"]) if stateful else opts.batch_size)
     train_ids, val_ids = data.split(ids, opts.val_fraction)
+    report_vocabulary(vocab, train_ids, val_ids)
     if opts.stateful and keras.backend.backend() != "tensorflow":
         raise ValueError("--stateful is implemented for the TensorFlow backend only (Keras keeps "
                          "the carried state in variables outside the model's weights)")
@@ -381,6 +408,7 @@ def train(opts: TrainOptions) -> TrainResult:
             "model": cfg.to_dict(),
             "vocab": vocab.chars,
             "lowercase": opts.lowercase,
+            "normalization": opts.normalization,
             "corpus": {"name": corpus.name, "files": corpus.files, "sha256": corpus.sha256,
                        "characters": len(corpus.text)},
             "seq_len": opts.seq_len,

@@ -131,32 +131,105 @@ async function* serverSentEvents(body) {
   }
 }
 
+// One element per grapheme cluster, what a reader sees as one character ("e" + U+0301, a
+// family emoji of five code points, a flag of two, CRLF), shaded by the product of the
+// probabilities of its code points. The server streams code points, and a cluster can
+// straddle two events, so the last cluster stays open: the next chunk's first code points
+// are segmented together with it, and its element is redrawn if they join it.
+const graphemes = new Intl.Segmenter(undefined, { granularity: "grapheme" });
+let openCluster = null;  // {span, chars, details} of the last cluster shown: it may still grow
+
+// Controls and what else draws as nothing (or as an empty box): their standard abbreviations,
+// in plain ASCII so that every font has them (U+2400's control pictures are missing from many).
+const C0_NAMES = ("NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 " +
+                  "DC4 NAK SYN ETB CAN EM SUB ESC FS GS RS US").split(" ");
+const LABELS = { 0x7f: "DEL", 0x85: "NEL", 0x2028: "LS", 0x2029: "PS", 0x200d: "ZWJ",
+                 0x200c: "ZWNJ", 0xfe0f: "VS16", 0xfe0e: "VS15", 0xfeff: "BOM" };
+const LINE_BREAKS = new Set([0x85, 0x2028, 0x2029]);  // shown, then broken after, as they mean
+const INVISIBLE = /^[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Default_Ignorable_Code_Point}]+$/u;
+
+function codePoint(ch) {
+  return `U+${ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+}
+
+// What one code point looks like in a tooltip.
 function visible(ch) {
-  return { "\n": "↵", " ": "␣", "\t": "⇥" }[ch] ?? ch;
+  const code = ch.codePointAt(0);
+  if (ch === "\n") return "↵";
+  if (ch === " ") return "␣";
+  if (ch === "\t") return "⇥";
+  if (code < 0x20) return C0_NAMES[code];
+  if (code in LABELS) return LABELS[code];
+  if (/^\p{M}/u.test(ch)) return `◌${ch}`;
+  if (INVISIBLE.test(ch)) return codePoint(ch);
+  return ch;
+}
+
+// What a cluster looks like in the output: {text, kind}; kind "" is text as it is.
+function display(cluster) {
+  if (cluster === "\n" || cluster === "\r\n") return { text: "\n", kind: "nl" };
+  if (cluster === "\t") return { text: "\t", kind: "" };
+  const code = cluster.codePointAt(0);
+  if (code < 0x20) return { text: C0_NAMES[code], kind: "ctl" };  // a lone CR included
+  if (LINE_BREAKS.has(code)) return { text: LABELS[code], kind: "ctl brk" };
+  if (INVISIBLE.test(cluster)) return { text: [...cluster].map(visible).join(" "), kind: "ctl" };
+  // A mark (or joiner) on nothing: drawn on a dotted circle, as fonts draw a lone mark.
+  if (/^[\p{M}\p{Cf}\p{Default_Ignorable_Code_Point}]/u.test(cluster)) {
+    return { text: `◌${cluster}`, kind: "" };
+  }
+  return { text: cluster, kind: "" };
 }
 
 function percent(p) {
+  if (p > 0 && p < 1e-4) return `${(p * 100).toPrecision(2)}%`;
   return `${(p * 100).toFixed(p >= 0.1 ? 1 : 2)}%`;
 }
 
-function charSpan({ char, prob, top }) {
-  const span = document.createElement("span");
-  span.className = "gen";
-  span.textContent = char;
-  span.style.setProperty("--p", prob.toFixed(4));
+function charLine({ char, prob, top }) {
   const alternatives = top.map((t) => `${visible(t.char)} ${percent(t.prob)}`).join("   ");
-  span.title = `${visible(char)}  p = ${percent(prob)}\ntop: ${alternatives}`;
-  return span;
+  return `${visible(char)} ${codePoint(char)}  p = ${percent(prob)}\ntop: ${alternatives}`;
+}
+
+function drawCluster(span, details, text) {
+  const { text: shown, kind } = display(text);
+  span.className = kind ? `gen ${kind}` : "gen";
+  span.textContent = shown;
+  span.dataset.text = text;
+  if (!details.length) return;
+  const prob = details.reduce((p, d) => p * d.prob, 1);
+  span.style.setProperty("--p", prob.toFixed(4));
+  span.title = details.length === 1 ? charLine(details[0])
+    : `${shown}  p = ${percent(prob)}, the product of its ${details.length} characters:\n\n` +
+      details.map(charLine).join("\n\n");
 }
 
 function appendChunk(chunk) {
   const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 40;
+  // Per code point: its details, or none when the server sent text only.
+  const details = chunk.details ?? [...chunk.text].map(() => null);
+  const chars = chunk.details ? chunk.details.map((d) => d.char) : [...chunk.text];
+  let pending = chars;
+  let pendingDetails = details;
+  let reopen = null;
+  if (openCluster && openCluster.span.isConnected) {
+    reopen = openCluster;
+    pending = [...openCluster.chars, ...chars];
+    pendingDetails = [...openCluster.details, ...details];
+  }
   const fragment = document.createDocumentFragment();
-  if (chunk.details) chunk.details.forEach((d) => fragment.append(charSpan(d)));
-  else fragment.append(document.createTextNode(chunk.text));
+  let at = 0;
+  for (const { segment } of graphemes.segment(pending.join(""))) {
+    const n = [...segment].length;
+    const mine = pendingDetails.slice(at, at + n);
+    const span = reopen && at === 0 ? reopen.span : document.createElement("span");
+    drawCluster(span, mine.filter((d) => d), segment);
+    if (span !== reopen?.span) fragment.append(span);
+    openCluster = { span, chars: pending.slice(at, at + n), details: mine };
+    at += n;
+  }
   output.append(fragment);
   if (atBottom) output.scrollTop = output.scrollHeight;
-  return chunk.details ? chunk.details.length : [...chunk.text].length;
+  return chars.length;
 }
 
 // The handle of the last run that ended by length (or time): Continue goes on from it with no
@@ -200,6 +273,7 @@ async function generate(event) {
   seedSpan.className = "seed";
   seedSpan.textContent = model && model.lowercase ? seedText.toLowerCase() : seedText;
   output.replaceChildren(seedSpan);
+  openCluster = null;  // a new text: nothing generated before can join its first cluster
   await run(body, seed, false);
 }
 
