@@ -54,8 +54,8 @@ COPY pyproject.toml ./
 ARG ORT_VERSION
 # A private index or mirror; unset or empty, pip uses PyPI. pip reads them from the RUN
 # environment, where build arguments are.
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
 # The CA bundle secret, when given (a TLS-intercepting proxy, an index with a private CA): pip
 # trusts it instead of its own bundle, so it must hold every CA pip needs. It is mounted for
 # this RUN only and never stored in a layer.
@@ -88,8 +88,8 @@ COPY pyproject.toml ./
 ARG ORT_VERSION
 # A private index or mirror; unset or empty, pip uses PyPI. pip reads them from the RUN
 # environment, where build arguments are.
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
 # The CA bundle secret, when given (a TLS-intercepting proxy, an index with a private CA): pip
 # trusts it instead of its own bundle, so it must hold every CA pip needs. It is mounted for
 # this RUN only and never stored in a layer.
@@ -130,9 +130,10 @@ EXPOSE 8000
 # app/probe.py: GET /health on CHARLSTM_HOST:CHARLSTM_PORT as set at run time (-e), stdlib only.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "app.probe"]
-# tini as PID 1 forwards signals and reaps; the service also runs as PID 1 itself (no init,
-# as on Kubernetes without shareProcessNamespace), so either way works.
-ENTRYPOINT ["tini", "--"]
+# tini as PID 1 forwards signals and reaps; the service also runs as PID 1 itself, so an
+# entrypoint override works too. -s: under another init (`docker run --init`, a pod sharing
+# its PID namespace) tini still reaps, as a subreaper, instead of warning that it cannot.
+ENTRYPOINT ["tini", "-s", "--"]
 CMD ["python", "-m", "app"]
 
 # ---- training (TensorFlow; never a base of the serving images) ----------------------------
@@ -148,8 +149,8 @@ COPY pyproject.toml ./
 ARG ORT_VERSION
 # A private index or mirror; unset or empty, pip uses PyPI. pip reads them from the RUN
 # environment, where build arguments are.
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
 # The CA bundle secret, when given (a TLS-intercepting proxy, an index with a private CA): pip
 # trusts it instead of its own bundle, so it must hold every CA pip needs. It is mounted for
 # this RUN only and never stored in a layer.
@@ -199,7 +200,8 @@ EXPOSE 8000
 # app/probe.py: GET /health on CHARLSTM_HOST:CHARLSTM_PORT as set at run time (-e), stdlib only.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "app.probe"]
-# tini as PID 1 forwards signals and reaps; the service also runs as PID 1 itself (no init,
-# as on Kubernetes without shareProcessNamespace), so either way works.
-ENTRYPOINT ["tini", "--"]
+# tini as PID 1 forwards signals and reaps; the service also runs as PID 1 itself, so an
+# entrypoint override works too. -s: under another init (`docker run --init`, a pod sharing
+# its PID namespace) tini still reaps, as a subreaper, instead of warning that it cannot.
+ENTRYPOINT ["tini", "-s", "--"]
 CMD ["python", "-m", "app"]

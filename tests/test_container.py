@@ -369,7 +369,7 @@ def test_image_has_its_healthcheck_and_no_tensorflow(podman: Podman, image: str)
     (inspected,) = json.loads(podman("image", "inspect", image).stdout)
     # Kept only in the docker image format (podman's own default, OCI, drops it).
     assert inspected["Healthcheck"]["Test"] == ["CMD", "python", "-m", "app.probe"]
-    assert inspected["Config"]["Entrypoint"] == ["tini", "--"]
+    assert inspected["Config"]["Entrypoint"] == ["tini", "-s", "--"]
     found = podman("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c",
                    "import importlib.util as u; print(u.find_spec('tensorflow') is None, "
                    "u.find_spec('onnxruntime') is not None)")

@@ -233,7 +233,7 @@ def test_build_context_holds_what_the_dockerfile_copies(stages: dict[str, Stage]
 def test_serving_image_runs_under_tini(stages: dict[str, Stage], target: str) -> None:
     """An init as PID 1; the service itself also works as PID 1 (tests/test_container.py)."""
     stage = stages[target]
-    assert exec_form(stage.args("ENTRYPOINT")[-1]) == ["tini", "--"]
+    assert exec_form(stage.args("ENTRYPOINT")[-1]) == ["tini", "-s", "--"]
     assert re.search(r"apt-get install[^&;]*\btini\b", chain_args(stages, target, "RUN"))
 
 
