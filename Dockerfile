@@ -8,6 +8,11 @@
 #
 # The two serving images hold the service dependencies and exactly one onnxruntime; TensorFlow
 # only ever enters the `train` target (tests/test_deploy.py checks this).
+#
+# Behind a proxy or a private package index (docs/DEPLOYMENT.md):
+#   --build-arg PIP_INDEX_URL=https://pypi.example.com/simple    and/or PIP_EXTRA_INDEX_URL
+#   --build-arg HTTPS_PROXY=http://proxy:3128                    (predefined: no ARG needed)
+#   --secret id=ca,src=/path/to/ca-bundle.pem                    a CA bundle pip should trust
 
 # onnxruntime-gpu 1.31 is built for CUDA 13.0 and cuDNN 9, which need NVIDIA driver >= 580 on
 # the host. The CUDA major version of the base image must match it: onnxruntime's CUDA provider
@@ -27,7 +32,7 @@ FROM ${CUDA_IMAGE} AS gpu-python
 # after security updates.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.12 \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.12 tini \
     && rm -rf /var/lib/apt/lists/*
 
 FROM gpu-python AS gpu-deps
@@ -47,7 +52,16 @@ WORKDIR /src
 # ("./[gpu]" is `.[gpu]` written so that hadolint sees a local project, not an unpinned package.)
 COPY pyproject.toml ./
 ARG ORT_VERSION
-RUN touch README.md \
+# A private index or mirror; unset or empty, pip uses PyPI. pip reads them from the RUN
+# environment, where build arguments are.
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+# The CA bundle secret, when given (a TLS-intercepting proxy, an index with a private CA): pip
+# trusts it instead of its own bundle, so it must hold every CA pip needs. It is mounted for
+# this RUN only and never stored in a layer.
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
+    && touch README.md \
     && pip install "./[gpu]" "onnxruntime-gpu==${ORT_VERSION}" \
     && pip uninstall -y charlstm
 
@@ -72,28 +86,54 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /src
 COPY pyproject.toml ./
 ARG ORT_VERSION
-RUN touch README.md \
+# A private index or mirror; unset or empty, pip uses PyPI. pip reads them from the RUN
+# environment, where build arguments are.
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+# The CA bundle secret, when given (a TLS-intercepting proxy, an index with a private CA): pip
+# trusts it instead of its own bundle, so it must hold every CA pip needs. It is mounted for
+# this RUN only and never stored in a layer.
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
+    && touch README.md \
     && pip install "./[serve]" "onnxruntime==${ORT_VERSION}" \
     && pip uninstall -y charlstm
 
 FROM ${PYTHON_IMAGE} AS cpu
 COPY --from=cpu-deps /opt/venv /opt/venv
+# ORT_DISABLE_TELEMETRY: onnxruntime's full opt-out of its usage events (it would also keep a
+# device id under $HOME, and warn at every engine start where it cannot). HOME=/tmp: a
+# writable home for any uid, tmpfs or emptyDir where the root file system is read-only.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CHARLSTM_HOST=0.0.0.0 \
     CHARLSTM_PORT=8000 \
     CHARLSTM_MODELS_DIR=/opt/charlstm/models \
-    CHARLSTM_DEVICE=cpu
-RUN groupadd --system --gid 10001 charlstm \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+    CHARLSTM_DEVICE=cpu \
+    ORT_DISABLE_TELEMETRY=1 \
+    HOME=/tmp
+# tini: Debian's, unless the base image has it already.
+# hadolint ignore=DL3008
+RUN command -v tini >/dev/null || { apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini \
+        && rm -rf /var/lib/apt/lists/*; }
+# A fixed uid above the system range (manifests name 10001), so no --system: useradd warns
+# about a system uid past SYS_UID_MAX.
+RUN groupadd --gid 10001 charlstm \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin charlstm
 COPY --from=service-files /opt/charlstm /opt/charlstm
 WORKDIR /opt/charlstm
 USER 10001:10001
 EXPOSE 8000
+# app/probe.py: GET /health on CHARLSTM_HOST:CHARLSTM_PORT as set at run time (-e), stdlib only.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
+    CMD ["python", "-m", "app.probe"]
+# tini as PID 1 forwards signals and reaps; the service also runs as PID 1 itself, so an
+# entrypoint override works too. -s: under another init (`docker run --init`, a pod sharing
+# its PID namespace) tini still reaps, as a subreaper, instead of warning that it cannot.
+ENTRYPOINT ["tini", "-s", "--"]
 CMD ["python", "-m", "app"]
 
 # ---- training (TensorFlow; never a base of the serving images) ----------------------------
@@ -107,8 +147,17 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /src
 COPY pyproject.toml ./
 ARG ORT_VERSION
+# A private index or mirror; unset or empty, pip uses PyPI. pip reads them from the RUN
+# environment, where build arguments are.
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+# The CA bundle secret, when given (a TLS-intercepting proxy, an index with a private CA): pip
+# trusts it instead of its own bundle, so it must hold every CA pip needs. It is mounted for
+# this RUN only and never stored in a layer.
 # `serve` too: export checks the ONNX graph against Keras with onnxruntime.
-RUN touch README.md \
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
+    && touch README.md \
     && pip install "./[serve,train]" "onnxruntime==${ORT_VERSION}" \
     && pip uninstall -y charlstm
 WORKDIR /opt/charlstm
@@ -127,20 +176,32 @@ CMD ["--help"]
 
 FROM gpu-python AS gpu
 COPY --from=gpu-deps /opt/venv /opt/venv
+# ORT_DISABLE_TELEMETRY: onnxruntime's full opt-out of its usage events (it would also keep a
+# device id under $HOME, and warn at every engine start where it cannot). HOME=/tmp: a
+# writable home for any uid, tmpfs or emptyDir where the root file system is read-only.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CHARLSTM_HOST=0.0.0.0 \
     CHARLSTM_PORT=8000 \
     CHARLSTM_MODELS_DIR=/opt/charlstm/models \
-    CHARLSTM_DEVICE=cuda
-RUN groupadd --system --gid 10001 charlstm \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+    CHARLSTM_DEVICE=cuda \
+    ORT_DISABLE_TELEMETRY=1 \
+    HOME=/tmp
+# A fixed uid above the system range (manifests name 10001), so no --system: useradd warns
+# about a system uid past SYS_UID_MAX.
+RUN groupadd --gid 10001 charlstm \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin charlstm
 COPY --from=service-files /opt/charlstm /opt/charlstm
 WORKDIR /opt/charlstm
 USER 10001:10001
 EXPOSE 8000
+# app/probe.py: GET /health on CHARLSTM_HOST:CHARLSTM_PORT as set at run time (-e), stdlib only.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
+    CMD ["python", "-m", "app.probe"]
+# tini as PID 1 forwards signals and reaps; the service also runs as PID 1 itself, so an
+# entrypoint override works too. -s: under another init (`docker run --init`, a pod sharing
+# its PID namespace) tini still reaps, as a subreaper, instead of warning that it cannot.
+ENTRYPOINT ["tini", "-s", "--"]
 CMD ["python", "-m", "app"]

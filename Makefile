@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-full lint bench h2load browser clean
+.PHONY: serve test test-full lint bench h2load browser podman clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,11 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(VENV)/.dev browser h2load lint
+test: $(VENV)/.dev browser h2load podman lint
 	$(BIN)/python -m pytest -q
 
 # Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
-test-full: $(VENV)/.dev browser h2load lint
+test-full: $(VENV)/.dev browser h2load podman lint
 	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
 
 # Debian's h2load (nghttp2-client) drives the servers in bench.serving.
@@ -49,6 +49,15 @@ h2load:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
 	  else echo "h2load not found and cannot install it: bench.serving cannot run"; fi; }
+
+# Debian's podman (with runc) and mmdebstrap: tests/test_container.py builds the cpu image on a
+# Debian base made with mmdebstrap and runs it.
+podman:
+	@{ command -v podman && command -v runc && command -v mmdebstrap; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends podman runc mmdebstrap >/dev/null; \
+	  else echo "podman, runc or mmdebstrap not found and cannot install them: the container tests will be skipped"; fi; }
 
 bench: $(VENV)/.dev h2load
 	$(BIN)/python -m bench.decode

@@ -12,6 +12,9 @@ sharing one listening socket, and this process watching them all.
   CPU quota, a pause) is left alone, and so are its requests.
 - A worker that dies is restarted, within the same budget for the workers together.
 - Every child dies with this process (PR_SET_PDEATHSIG), even when it is SIGKILLed.
+- PID 1 or not: in a container without an init this process is PID 1. Its signal handlers
+  work there as anywhere (the kernel drops only signals PID 1 has no handler for), and it
+  reaps the orphaned processes the kernel hands to PID 1, so none stays a zombie.
 - Hot reload (app/reload.py): a new or changed model folder is loaded beside the version
   serving, on a change in the models folder (CHARLSTM_WATCH_MODELS), on SIGHUP, or on
   POST /admin/reload (asked over the control socket, answered when the round ends).
@@ -45,7 +48,7 @@ from typing import Any
 import zmq
 
 from app.artifact import ArtifactError, read_metadata
-from app.lifecycle import alive_file
+from app.lifecycle import alive_file, reap_orphans
 from app.manifest import RELOAD_REQUEST, control_address
 from app.reload import EngineProcess, FolderWatcher, Reloader, Version
 from app.runtime import check_graph_file
@@ -178,6 +181,8 @@ class Supervisor:
             if code:
                 break
             self.reload_tick()
+            if os.getpid() == 1:
+                self.reap_orphans()
         self.stop_all()
         return code
 
@@ -241,6 +246,14 @@ class Supervisor:
                 log.error("an HTTP worker died (exit code %s); restarting it", proc.exitcode)
                 self.workers[i] = self.start_worker()
         return 0
+
+    @staticmethod
+    def reap_orphans() -> None:
+        # Our own children are left to multiprocessing (is_alive() and exitcode wait for
+        # them); active_children() waits for those that exited, so they are not in the way.
+        own = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+        for pid in reap_orphans(own):
+            log.debug("reaped orphaned process %d", pid)
 
     def hung(self, version: Version) -> bool:
         """Alive but silent: no heartbeat for CHARLSTM_ENGINE_HUNG_S, or still not up long

@@ -9,12 +9,17 @@ outlasts the drain.
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
 import sysconfig
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import training.serve as serve_module
+from app import probe as health_probe
 from app.settings import Settings
+from tests.conftest import free_port
+from training.serve import ServeError, is_this_host, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -198,9 +207,9 @@ def test_serving_image_runs_the_service_as_non_root(stages: dict[str, Stage],
     assert env["CHARLSTM_HOST"] == "0.0.0.0"
     assert env["CHARLSTM_MODELS_DIR"].endswith("/models")
     assert stage.args("EXPOSE") == [env["CHARLSTM_PORT"]]
-    check = healthcheck_command(stage)
-    assert check[:2] == ["python", "-c"], "the health check must not need curl"
-    assert f"127.0.0.1:{env['CHARLSTM_PORT']}/health" in check[2]
+    # app/probe.py reads the port from the environment, so the check follows `-e
+    # CHARLSTM_PORT`; no curl in the images.
+    assert healthcheck_command(stage) == ["python", "-m", "app.probe"]
     runs = chain_args(stages, target, "RUN")
     assert "chmod -R a+rX" in runs, "`training export` writes 0700 model folders: the " \
         "image must make them readable for the service user"
@@ -218,6 +227,26 @@ def test_build_context_holds_what_the_dockerfile_copies(stages: dict[str, Stage]
             *sources, _ = args.split()
             for src in sources:
                 assert src.rstrip("/") in allowed, f"COPY {src}: excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("target", SERVING_TARGETS)
+def test_serving_image_runs_under_tini(stages: dict[str, Stage], target: str) -> None:
+    """An init as PID 1; the service itself also works as PID 1 (tests/test_container.py)."""
+    stage = stages[target]
+    assert exec_form(stage.args("ENTRYPOINT")[-1]) == ["tini", "-s", "--"]
+    assert re.search(r"apt-get install[^&;]*\btini\b", chain_args(stages, target, "RUN"))
+
+
+def test_every_pip_install_takes_the_index_args_and_the_ca_secret(
+        stages: dict[str, Stage]) -> None:
+    installing = [s for s in stages.values() if any("pip install" in r for r in s.args("RUN"))]
+    assert {s.name for s in installing} >= {"gpu-deps", "cpu-deps", "train"}
+    for stage in installing:
+        args = {a.split("=")[0] for a in stage.args("ARG")}
+        assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} <= args, stage.name
+        (run,) = [r for r in stage.args("RUN") if "pip install" in r]
+        assert run.startswith("--mount=type=secret,id=ca,required=false"), stage.name
+        assert "PIP_CERT=/run/secrets/ca" in run, stage.name
 
 
 # --- docker-compose.yml -------------------------------------------------------------------
@@ -379,3 +408,95 @@ def test_k8s_resources_point_at_each_other() -> None:
     target = by_kind("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+
+
+# --- what the deployment files run ----------------------------------------------------------
+
+@pytest.mark.parametrize(("host", "port", "url"), [
+    ("0.0.0.0", "18555", "http://127.0.0.1:18555/health"),
+    ("::", "8000", "http://[::1]:8000/health"),
+    ("10.1.2.3", "9000", "http://10.1.2.3:9000/health"),
+    (None, None, "http://127.0.0.1:8000/health"),
+])
+def test_probe_follows_the_host_and_port_settings(monkeypatch: pytest.MonkeyPatch,
+                                                  host: str | None, port: str | None,
+                                                  url: str) -> None:
+    for name, value in (("CHARLSTM_HOST", host), ("CHARLSTM_PORT", port)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert health_probe.probe_url() == url
+
+
+@pytest.fixture
+def answering() -> Iterator[tuple[int, list[int]]]:
+    """A local HTTP server answering every GET with the status at the end of the list."""
+    statuses = [200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(statuses[-1])
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], statuses
+    server.shutdown()
+    server.server_close()
+
+
+def test_probe_is_healthy_only_on_200(answering: tuple[int, list[int]],
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    port, statuses = answering
+    monkeypatch.setenv("CHARLSTM_HOST", "0.0.0.0")
+    monkeypatch.setenv("CHARLSTM_PORT", str(port))
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # never asked: the service is local
+    assert health_probe.main([]) == 0
+    statuses.append(503)
+    assert health_probe.main([]) == 1
+    assert "HTTP 503" in capsys.readouterr().err
+    monkeypatch.setenv("CHARLSTM_PORT", str(free_port()))
+    assert health_probe.main([]) == 1
+    assert "refused" in capsys.readouterr().err.lower()
+
+
+def test_probe_imports_nothing_of_the_service() -> None:
+    """It runs every 15 s beside the service: the standard library only, so it starts fast."""
+    code = ("import sys, app.probe; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'fastapi', 'pydantic', 'numpy', 'onnxruntime', 'httpx', 'uvicorn'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("url", "local"), [
+    ("http://127.0.0.1:8000", True),
+    ("http://localhost:8000", True),
+    ("http://0.0.0.0:8000", True),
+    ("http://api-cpu.invalid:8000", False),
+    ("http://192.0.2.1:8000", False),  # TEST-NET-1: never an address of this machine
+])
+def test_serve_starts_a_service_only_on_this_host(url: str, local: bool) -> None:
+    assert is_this_host(url) is local
+
+
+def test_serve_waits_for_a_service_on_another_host_then_says_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train ... --serve --url http://api-cpu:8000` with api-cpu not up: no attempt to listen
+    on api-cpu's address here ("Name or service not known"), a bounded wait instead."""
+    def start_service(model_dir: Path, url: str) -> None:
+        raise AssertionError(f"tried to start a service at {url}")
+
+    monkeypatch.setattr(serve_module, "start_service", start_service)
+    start = time.monotonic()
+    with pytest.raises(ServeError, match=r"nothing answered at http://api-cpu\.invalid:8000 "
+                                         r"within 1 s.*not an address of this host"):
+        serve(tmp_path / "mine", "http://api-cpu.invalid:8000", wait_s=1.0)
+    assert time.monotonic() - start < 10

@@ -4,7 +4,10 @@ A service answering there (`python -m app` on the same models folder) loads the 
 itself (hot reload, app/reload.py); this asks it to at once (POST /admin/reload, with
 $CHARLSTM_API_KEY when keys are configured) and waits until /models names the version just
 exported. With no service there, it starts one on the models folder (`python -m app`, in the
-foreground, in place of this process, so training's memory is given back).
+foreground, in place of this process, so training's memory is given back): only where the URL
+names this host. A URL naming another host (Compose's `http://api-cpu:8000` from the train
+container) is waited for instead, for WAIT_FOR_REMOTE_S: that service may still be starting,
+and no service could listen on another host's address from here.
 
 No TensorFlow here: only httpx and the artifact contract.
 """
@@ -12,6 +15,7 @@ No TensorFlow here: only httpx and the artifact contract.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ from app.artifact import read_metadata
 
 DEFAULT_PORT = 8000
 POLL_S = 0.5
+WAIT_FOR_REMOTE_S = 60.0
 
 
 class ServeError(Exception):
@@ -41,11 +46,15 @@ def default_url() -> str:
     return f"http://{host}:{os.environ.get('CHARLSTM_PORT', DEFAULT_PORT)}"
 
 
-def serve(model_dir: Path, url: str, timeout_s: float = 300.0) -> None:
-    """Return once the service at `url` serves the model in `model_dir`; start a service
-    there (never returning) if nothing answers."""
+def serve(model_dir: Path, url: str, timeout_s: float = 300.0,
+          wait_s: float = WAIT_FOR_REMOTE_S) -> None:
+    """Return once the service at `url` serves the model in `model_dir`. If nothing answers,
+    start a service there (never returning) when `url` is on this host, else wait up to
+    `wait_s` for one to answer."""
     if not is_up(url):
-        start_service(model_dir, url)
+        if is_this_host(url):
+            start_service(model_dir, url)
+        wait_until_up(url, wait_s)
     created = read_metadata(model_dir).created
     key = os.environ.get("CHARLSTM_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -78,6 +87,42 @@ def is_up(url: str) -> bool:
         raise ServeError(f"{url} answers, but not as a charlstm service (GET /health: "
                          f"{reply.status_code}); pass another --url")
     return True
+
+
+def is_this_host(url: str) -> bool:
+    """True if the URL's host is an address of this machine (loopback, the wildcard, or one
+    this machine can bind), where `python -m app` could listen."""
+    host = urlsplit(url).hostname
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):  # an unknown name: a host not up yet, a typo
+        return False
+    for family, _, _, _, address in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address[0], 0, *address[2:]))
+            except OSError:  # not an address of this machine
+                continue
+            return True
+    return False
+
+
+def wait_until_up(url: str, wait_s: float) -> None:
+    host = urlsplit(url).hostname
+    print(f"nothing answers at {url} yet, and {host} is not this host: waiting up to "
+          f"{wait_s:.0f} s for it", flush=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(POLL_S * 2, max(deadline - time.monotonic(), 0)))
+        if is_up(url):
+            return
+    raise ServeError(f"nothing answered at {url} within {wait_s:.0f} s, and a service cannot "
+                     f"be started here: {host} is not an address of this host. Start the "
+                     "service first (with Compose: `docker compose up -d api`, or "
+                     "`docker compose --profile cpu up -d api-cpu` with --url "
+                     "http://api-cpu:8000), or pass the --url of a running one")
 
 
 def ask_reload(client: httpx.Client, model_dir: Path, timeout_s: float) -> None:
