@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,18 +51,15 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Pat
     return path
 
 
+TEST_MODELS = ROOT / "tests" / "data" / "models"
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
-    """A models folder holding `tiny` (LSTM 2x48) trained and exported with the project's CLI."""
-    root = tmp_path_factory.mktemp("tiny")
-    run = root / "run"
-    models = root / "models"
-    res = run_cli("training", "train", str(small_corpus), "-o", str(run), "--units", "48",
-                  "--embedding-dim", "16", "--epochs", "2", "--seq-len", "50", "--batch-size",
-                  "32", "--sample-length", "20", "--quiet")
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli("training", "export", str(run), "--name", "tiny", "--models-dir", str(models))
-    assert res.returncode == 0, res.stderr[-3000:]
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding `tiny` (LSTM 2x48, trained and exported with the project's CLI,
+    committed under tests/data/models): a copy, so a test may change it."""
+    models = tmp_path_factory.mktemp("tiny") / "models"
+    shutil.copytree(TEST_MODELS / "tiny", models / "tiny")
     return models
 
 

@@ -259,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             if target.exists() and not args.force:
                 raise FileExistsError(f"{target} already exists: pass --force to replace it, or "
                                       "choose another --name")
+            from training.environment import import_tensorflow
             from training.export import export
 
+            import_tensorflow()
             out = export(args.run_dir, args.name, args.models_dir, checkpoint=args.checkpoint,
                          opset=args.opset, tolerance=args.tolerance)
             print(f"exported {out}", flush=True)
@@ -314,9 +316,10 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
     """Train; True if the run has weights to export."""
-    from training.environment import choose_backend
+    from training.environment import choose_backend, import_tensorflow
 
-    choose_backend(args.backend)  # before train imports Keras
+    if choose_backend(args.backend) == "tensorflow":  # before train imports Keras
+        import_tensorflow()
     from training.train import TrainOptions, train
 
     # A progress bar only on a terminal: in a file it is control codes and backspaces.

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 BACKENDS = ("tensorflow", "jax")
@@ -68,3 +70,36 @@ def quiet_tensorflow() -> None:
     before its logging starts, whatever the level.)
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_wanted() else "3")
+
+
+# TensorFlow's C++ start-up notices: written to the process's stderr before its log level
+# applies (absl logging is not initialised yet), once by each of two shared libraries, so
+# twice per process. They say nothing a user can act on.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|oneDNN custom operations are on"
+    r"|Could not find cuda drivers on your machine")
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow with its start-up notices filtered out of stderr (everything else it
+    writes meanwhile passes through). Where a GPU may be used, the CUDA lines stay: there
+    they matter. Call before anything else imports it; later imports are free."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            noise = _STARTUP_NOISE if not gpu_wanted() else re.compile(
+                _STARTUP_NOISE.pattern.replace("|Could not find cuda drivers on your machine",
+                                               ""))
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                if not noise.search(line):
+                    print(line, file=sys.stderr)
