@@ -4,6 +4,7 @@ session with the real CLI, and real servers on real ports."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -150,6 +151,11 @@ class InProcessServer:
         self.url = f"http://127.0.0.1:{port}"
         self.settings = Settings(models_dir=models_dir, default_model=default, port=port,
                                  log_level="warning", **settings)
+        # What the service logs while this server runs (any server of this process), with
+        # tracebacks, for tests that read the log as they would a process's.
+        self.records: list[str] = []
+        self.handler = _ListHandler(self.records)
+        logging.getLogger().addHandler(self.handler)
         self.app = create_app(self.settings)
         self.uvicorn = uvicorn.Server(uvicorn_config(self.app, self.settings))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
@@ -170,11 +176,22 @@ class InProcessServer:
         return httpx.Client(base_url=self.url, timeout=60, **kw)  # type: ignore[arg-type]
 
     def log(self) -> str:
-        return ""  # its log lines go to pytest's captured logging
+        return "\n".join(self.records)
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True
         self.thread.join(15)
+        logging.getLogger().removeHandler(self.handler)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.records = records
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(self.format(record))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from httpx_sse import aconnect_sse, connect_sse
 
 from app.runtime import RuntimeOptions, load_model
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import InProcessServer, Server
 from training.generate import generate
 
 
@@ -120,8 +120,8 @@ def test_cancelling_a_stream_frees_its_row(server: Server) -> None:
 
 
 def test_full_queue_answers_429_with_retry_after_while_admitted_requests_complete(
-        tiny_models: Path, tmp_path: Path) -> None:
-    small = start_server(tiny_models, tmp_path / "server.log", max_batch="16", max_queue="4")
+        tiny_models: Path) -> None:
+    small = InProcessServer(tiny_models, max_batch=16, max_queue=4)
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=small.url, timeout=120,
@@ -133,7 +133,7 @@ def test_full_queue_answers_429_with_retry_after_while_admitted_requests_complet
     try:
         responses = asyncio.run(fire())
     finally:
-        stop_server(small)
+        small.stop()
     codes = [r.status_code for r in responses]
     # 16 rows + 4 queued are admitted; the rest of the burst is refused at once.
     assert codes.count(429) > 0

@@ -35,7 +35,7 @@ from client import (
 from client._client import retry_delay
 from client._sse import ServerSentEvent, SSEDecoder
 from client.errors import parse_retry_after
-from tests.conftest import ROOT, Server, free_port, run_cli, start_server, stop_server
+from tests.conftest import ROOT, InProcessServer, Server, free_port, run_cli
 
 SUMMARY: dict[str, Any] = {
     "model": "fake", "text": "Hello", "finish_reason": "length", "seed": 1, "seed_text": "A",
@@ -160,8 +160,8 @@ def test_error_replies_raise_typed_errors_with_the_server_message(
 
 
 def test_api_key_comes_from_the_argument_or_the_environment(
-        tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    srv = start_server(tiny_models, tmp_path / "server.log", api_keys="k1")
+        tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = InProcessServer(tiny_models, api_keys=["k1"])
     monkeypatch.delenv("CHARLSTM_API_KEY", raising=False)
     try:
         for key in (None, "k2"):
@@ -179,14 +179,12 @@ def test_api_key_comes_from_the_argument_or_the_environment(
             assert c.base_url == srv.url
             assert c.models().names == ["tiny"]
     finally:
-        stop_server(srv)
+        srv.stop()
 
 
-def test_overloaded_server_is_retried_no_sooner_than_retry_after(
-        tiny_models: Path, tmp_path: Path) -> None:
+def test_overloaded_server_is_retried_no_sooner_than_retry_after(tiny_models: Path) -> None:
     # One row, no queue: while `holder` streams, every other request gets 429.
-    srv = start_server(tiny_models, tmp_path / "server.log", max_batch="1", max_queue="0",
-                       max_new_chars="1000000")
+    srv = InProcessServer(tiny_models, max_batch=1, max_queue=0, max_new_chars=1_000_000)
     try:
         with Client(srv.url) as patient, Client(srv.url, max_retries=0) as impatient, \
                 patient.stream("A", max_new_chars=1_000_000, time_limit_s=0.8) as holder:
@@ -198,7 +196,7 @@ def test_overloaded_server_is_retried_no_sooner_than_retry_after(
             waited = time.monotonic() - start
             _ = "".join(holder)
     finally:
-        stop_server(srv)
+        srv.stop()
     assert (info.value.status, info.value.type, info.value.retry_after) == (429, "overloaded", 1)
     assert holder.result.finish_reason == "time_limit"
     assert retried.usage.generated_chars == 5

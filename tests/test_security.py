@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import InProcessServer, Server
 from tests.test_startup import start_expecting_failure
 
 UNAUTHORIZED = {"error": {
@@ -23,11 +23,10 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[Server]:
-    srv = start_server(tiny_models, tmp_path_factory.mktemp("keyed") / "server.log",
-                       api_keys="k-one, k-two")
+                 ) -> Iterator[InProcessServer]:
+    srv = InProcessServer(tiny_models, api_keys=["k-one", "k-two"])
     yield srv
-    stop_server(srv)
+    srv.stop()
 
 
 def test_api_keys_are_required_when_configured(keyed_server: Server) -> None:
