@@ -9,14 +9,13 @@ only), so remote callers stay remote.
 
 from __future__ import annotations
 
-import ipaddress
-
 from fastapi import APIRouter, Depends, Request
 
 from app.api import ERROR_RESPONSES, Svc
 from app.auth import requires_key
 from app.errors import ForbiddenError, NotSupportedError, UnavailableError
 from app.manifest import ReloadReport, request_reload
+from app.origin import is_loopback
 from app.schemas import ErrorBody
 
 router = APIRouter(dependencies=[Depends(requires_key)], responses={
@@ -25,14 +24,7 @@ router = APIRouter(dependencies=[Depends(requires_key)], responses={
 
 
 def from_loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    return is_loopback(request.client.host if request.client else "")
 
 
 @router.post(

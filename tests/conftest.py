@@ -64,6 +64,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
+    """A models folder whose `tiny` was trained and exported by the CLI in this session (as the
+    committed one was), beside its run folder (`<models>/../run`): for the tests of training
+    and exporting themselves."""
+    root = tmp_path_factory.mktemp("trained")
+    run = root / "run"
+    models = root / "models"
+    res = run_cli("training", "train", str(small_corpus), "-o", str(run), "--units", "48",
+                  "--embedding-dim", "16", "--epochs", "2", "--seq-len", "50", "--batch-size",
+                  "32", "--sample-length", "20", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("training", "export", str(run), "--name", "tiny", "--models-dir", str(models))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return models
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

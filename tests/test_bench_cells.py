@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from app.runtime import load_model
 from bench.ceiling import OPTIONS, graph_runner, host_runner
 from bench.cells import STEPS, Config, engine_runner, markdown, measure
+
+# Load, soak and benchmark runs: the slow tier (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
 
 
 def test_runners_decode_and_rows_pair_the_cells(tiny_models: Path, tmp_path: Path) -> None:

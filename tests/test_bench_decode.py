@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+
+# Load, soak and benchmark runs: the slow tier (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
 
 SECTIONS = {"meta", "settings", "notebook", "raw", "engine", "http_stream", "http_json",
             "server", "ratios", "targets"}

@@ -23,6 +23,9 @@ from bench.serving import (
 )
 from tests.conftest import ROOT, run_cli
 
+# Load, soak and benchmark runs: the slow tier (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 H2LOAD_OUTPUT = """\
 starting benchmark...
 spawning thread #0: 4 total client(s). 8 total requests

@@ -7,7 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+
+# Load, soak and benchmark runs: the slow tier (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
 
 SCHEMES = ["notebook 1x128", "ours 1x128", "ours 2x256 (shipped)"]
 

@@ -364,6 +364,7 @@ def shipped(podman: Podman, image: str) -> Iterator[Container]:
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_image_has_its_healthcheck_and_no_tensorflow(podman: Podman, image: str) -> None:
     (inspected,) = json.loads(podman("image", "inspect", image).stdout)
@@ -377,6 +378,7 @@ def test_image_has_its_healthcheck_and_no_tensorflow(podman: Podman, image: str)
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_image_serves_json_sse_and_openai(shipped: Container) -> None:
     with httpx.Client(base_url=shipped.url, timeout=30) as c:
@@ -400,6 +402,7 @@ def test_image_serves_json_sse_and_openai(shipped: Container) -> None:
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_image_health_check_follows_the_port_and_runs_as_non_root(podman: Podman,
                                                                   shipped: Container) -> None:
@@ -414,6 +417,7 @@ def test_image_health_check_follows_the_port_and_runs_as_non_root(podman: Podman
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_image_stop_drains_streams_in_flight_and_exits_0(podman: Podman,
                                                          shipped: Container) -> None:
@@ -468,6 +472,7 @@ def test_image_stop_drains_streams_in_flight_and_exits_0(podman: Podman,
 
 
 @pytest.mark.container
+@pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_image_serves_with_the_supervisor_as_pid_1(podman: Podman, image: str) -> None:
     """No tini (an image run with another entrypoint, a platform that replaces it): the

@@ -196,6 +196,7 @@ def test_a_flood_of_long_seeds_leaves_running_streams_a_bounded_gap(
     assert max(gaps) < bound, f"largest gap {max(gaps):.3f} s with {flooded} long seeds"
 
 
+@pytest.mark.slow  # a load test: 600 requests retried past a full server
 def test_overload_admits_what_fits_the_wait_bound_and_retry_after_gets_the_rest_served(
         tiny_models: Path, tmp_path: Path) -> None:
     # All requests are alike, so rows free in waves of 64, one every T = 3,000 characters'

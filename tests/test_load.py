@@ -28,6 +28,9 @@ from httpx_sse import aconnect_sse
 
 from tests.conftest import ARTIFACTS, FULL, ProcessServer, Server, start_server, stop_server
 
+# Load, soak and benchmark runs: the slow tier (`pytest -m "not slow"` skips them).
+pytestmark = pytest.mark.slow
+
 SOAK_S = 120.0 if FULL else 15.0
 SOAK_CLIENTS = 64
 SOAK_CHARS = 200

@@ -56,8 +56,8 @@ def test_one_command_trains_exports_and_the_running_service_serves_the_model(
 
 
 def test_serve_starts_a_service_on_the_models_folder_when_none_answers(
-        tiny_models: Path, tmp_path: Path) -> None:
-    run = tiny_models.parent / "run"  # the run the session fixture trained
+        trained_tiny: Path, tmp_path: Path) -> None:
+    run = trained_tiny.parent / "run"  # the run the session fixture trained
     models = tmp_path / "models"
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -237,9 +237,9 @@ def test_carried_state_loss_equals_a_char_by_char_onnxruntime_pass(tmp_path: Pat
     assert abs(window_loss(step, sizes, ids, 37).loss_nats - expected) > 1e-4
 
 
-def test_cli_train_export_evaluate_sample(tiny_models: Path, small_corpus: Path) -> None:
+def test_cli_train_export_evaluate_sample(trained_tiny: Path, small_corpus: Path) -> None:
     """The session fixture ran `train` and `export`; check the artifact and the other commands."""
-    model_dir = tiny_models / "tiny"
+    model_dir = trained_tiny / "tiny"
     meta = read_metadata(model_dir)
     assert meta.parity["greedy_match"] is True
     assert float(meta.parity["max_abs_logits"]) <= 1e-4  # type: ignore[arg-type]
