@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app import rng as rng_mod
-from app.engine.messages import Detail, Final, GenerationRequest
+from app.engine.messages import MAX_BIAS, Constraint, Detail, Final, GenerationRequest
 from app.stops import StopMatcher
 
 
@@ -26,6 +26,41 @@ class StepModel(Protocol):
     def states_to_host(self, states: Any) -> list[npt.NDArray[np.float32]]: ...
     def step(self, ids: npt.NDArray[np.int32],
              states: Any) -> tuple[npt.NDArray[np.float32], Any]: ...
+
+
+class RowConstraint:
+    """A row's constraint (a DFA over the vocabulary, app/constraints.py) and its state."""
+
+    def __init__(self, c: Constraint) -> None:
+        self.table = np.frombuffer(c.table, np.int32).reshape(c.states, c.vocab)  # (S, V)
+        self.dist = np.frombuffer(c.dist, np.int32)  # (S,): characters to acceptance
+        moves = (self.table >= 0).any(axis=1)
+        self.final = np.frombuffer(c.accepting, np.uint8).astype(bool) & ~moves  # (S,)
+        self.state = 0
+
+    def allowed(self, remaining: int) -> npt.NDArray[np.bool_]:
+        """(V,): the ids that lead to a state from which an accepting one is reachable within
+        the `remaining - 1` characters left after this one, so the text always completes."""
+        nxt = self.table[self.state]
+        ok: npt.NDArray[np.bool_] = nxt >= 0
+        ok[ok] = self.dist[nxt[ok]] <= remaining - 1
+        return ok
+
+    def advance(self, token: int) -> None:
+        self.state = int(self.table[self.state, token])
+
+    @property
+    def done(self) -> bool:
+        """Accepting with no way on: the text is complete."""
+        return bool(self.final[self.state])
+
+
+def bias_vector(pairs: tuple[tuple[int, float], ...], vocab: int) -> npt.NDArray[np.float32]:
+    """(V,) additive logit bias; -100 bans (-inf), as OpenAI's logit_bias."""
+    bias = np.zeros(vocab, np.float32)
+    for i, b in pairs:
+        bias[i] = -np.inf if b <= -MAX_BIAS else b
+    return bias
 
 
 class Sequence:
@@ -55,6 +90,21 @@ class Sequence:
         self.digests: dict[int, bytes] = {}  # state-cache keys of the seed's prefixes
         self.final: Final | None = None  # resumable, ended by length or time
         self.sent = 0  # ids already sent to the reader
+        # Shaping of the next-id distribution (host sampling only): a constraint's DFA and an
+        # additive bias, set when the row joins the batch (the vocabulary size is known then).
+        self.dfa = RowConstraint(req.constraint) if req.constraint is not None else None
+        self.bias: npt.NDArray[np.float32] | None = None
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise ValueError unless the constraint and logit_bias fit a vocabulary of `vocab`."""
+        c = self.req.constraint
+        if c is not None and c.vocab != vocab:
+            raise ValueError(f"constraint compiled for {c.vocab} ids, the model has {vocab}")
+        pairs = self.req.sampling.logit_bias
+        if any(i >= vocab for i, _ in pairs):
+            raise ValueError(f"logit_bias id out of range for a vocabulary of {vocab}")
+        if pairs:
+            self.bias = bias_vector(pairs, vocab)
 
     @property
     def done(self) -> bool:
@@ -91,6 +141,12 @@ class Batch:
         self.stop_rows: frozenset[int] = frozenset()
         self.detail_rows: list[int] = []
         self.fresh_rows: list[int] = []  # joined since the last step: their first char is next
+        # Rows whose distribution is shaped (constraint, logit_bias): sampled on the host.
+        self.shaped_rows: list[int] = []
+        self.dfa_rows: frozenset[int] = frozenset()
+        # With a decode graph: True while rows hold a pending id (graph form), False while
+        # their `logits` are current (host form, while shaped rows are in the batch).
+        self.graph_form = False
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -126,6 +182,9 @@ class Batch:
     def _index_rows(self) -> None:
         self.stop_rows = frozenset(i for i, s in enumerate(self.seqs) if s.matcher.stops)
         self.detail_rows = [i for i, s in enumerate(self.seqs) if s.req.details]
+        self.shaped_rows = [i for i, s in enumerate(self.seqs)
+                            if s.dfa is not None or s.bias is not None]
+        self.dfa_rows = frozenset(i for i in self.shaped_rows if self.seqs[i].dfa is not None)
 
     def filter(self, rows: npt.NDArray[np.intp]) -> None:
         """Keep only `rows`, in that order: finished rows leave after a step."""
