@@ -468,7 +468,7 @@ def compile_constraint(spec: ConstraintSpec, chars: Sequence[str],
     budget = _Budget(deadline_s)
     vocab = len(chars)
     if spec.kind == "choice":
-        _check_choices(json.loads(spec.source), chars, banned)
+        _check_choices(json.loads(spec.source), chars)
     allowed = sum(1 << i for i, ch in enumerate(chars) if ch not in banned)
     nfa = _Nfa(chars, allowed, budget)
     start, accept = parse(to_regex(spec), nfa)
@@ -520,14 +520,15 @@ def _shortest_nonempty(table: npt.NDArray[np.int32], dist: npt.NDArray[np.int32]
     return 1 + int(dist[nxt].min())
 
 
-def _check_choices(choices: list[str], chars: Sequence[str], banned: frozenset[str]) -> None:
-    known = set(chars) - banned
+def _check_choices(choices: list[str], chars: Sequence[str]) -> None:
+    """A choice the model cannot spell is a mistake; one that logit_bias bans is left out."""
+    known = set(chars)
     for text in choices:
         missing = sorted({ch for ch in text if ch not in known})
         if missing:
             raise ConstraintError(
-                f"choice {text!r} has characters not in the model's vocabulary (or banned by "
-                f"logit_bias): {_listed(missing)}")
+                f"choice {text!r} has characters not in the model's vocabulary: "
+                f"{_listed(missing)}")
 
 
 def _listed(chars: list[str]) -> str:

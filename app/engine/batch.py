@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,31 +29,41 @@ class StepModel(Protocol):
              states: Any) -> tuple[npt.NDArray[np.float32], Any]: ...
 
 
-class RowConstraint:
-    """A row's constraint (a DFA over the vocabulary, app/constraints.py) and its state."""
+class DfaTables:
+    """A compiled constraint as arrays (app/constraints.py), shared by every row using it."""
 
     def __init__(self, c: Constraint) -> None:
         self.table = np.frombuffer(c.table, np.int32).reshape(c.states, c.vocab)  # (S, V)
         self.dist = np.frombuffer(c.dist, np.int32)  # (S,): characters to acceptance
         moves = (self.table >= 0).any(axis=1)
         self.final = np.frombuffer(c.accepting, np.uint8).astype(bool) & ~moves  # (S,)
-        self.state = 0
 
-    def allowed(self, remaining: int) -> npt.NDArray[np.bool_]:
-        """(V,): the ids that lead to a state from which an accepting one is reachable within
-        the `remaining - 1` characters left after this one, so the text always completes."""
-        nxt = self.table[self.state]
-        ok: npt.NDArray[np.bool_] = nxt >= 0
-        ok[ok] = self.dist[nxt[ok]] <= remaining - 1
+    def allowed(self, states: npt.NDArray[np.intp], remaining: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.bool_]:
+        """(R, V) for rows in `states` with `remaining` characters to go (this one included):
+        the ids leading to a state from which acceptance is reachable in the characters left
+        after this one, so the text always completes. A row with too few characters left (the
+        service refuses such requests up front) gets every live move and ends by length."""
+        nxt = self.table[states]  # (R, V)
+        live = nxt >= 0
+        ok = live & (self.dist[np.maximum(nxt, 0)] <= (remaining - 1)[:, None])
+        short = ~ok.any(axis=1)
+        if short.any():
+            ok[short] = live[short]
         return ok
 
-    def advance(self, token: int) -> None:
-        self.state = int(self.table[self.state, token])
+
+class RowConstraint:
+    """A row's constraint and where its text stands in it."""
+
+    def __init__(self, tables: DfaTables) -> None:
+        self.tables = tables
+        self.state = 0
 
     @property
     def done(self) -> bool:
         """Accepting with no way on: the text is complete."""
-        return bool(self.final[self.state])
+        return bool(self.tables.final[self.state])
 
 
 def bias_vector(pairs: tuple[tuple[int, float], ...], vocab: int) -> npt.NDArray[np.float32]:
@@ -92,14 +103,17 @@ class Sequence:
         self.sent = 0  # ids already sent to the reader
         # Shaping of the next-id distribution (host sampling only): a constraint's DFA and an
         # additive bias, set when the row joins the batch (the vocabulary size is known then).
-        self.dfa = RowConstraint(req.constraint) if req.constraint is not None else None
+        self.dfa: RowConstraint | None = None
         self.bias: npt.NDArray[np.float32] | None = None
 
-    def check_vocab(self, vocab: int) -> None:
-        """Raise ValueError unless the constraint and logit_bias fit a vocabulary of `vocab`."""
+    def shape_with(self, vocab: int, tables: Callable[[Constraint], DfaTables]) -> None:
+        """Set the row's constraint (its arrays from `tables`, shared by equal constraints)
+        and bias; ValueError unless they fit a vocabulary of `vocab` ids."""
         c = self.req.constraint
-        if c is not None and c.vocab != vocab:
-            raise ValueError(f"constraint compiled for {c.vocab} ids, the model has {vocab}")
+        if c is not None:
+            if c.vocab != vocab:
+                raise ValueError(f"constraint compiled for {c.vocab} ids, the model has {vocab}")
+            self.dfa = RowConstraint(tables(c))
         pairs = self.req.sampling.logit_bias
         if any(i >= vocab for i, _ in pairs):
             raise ValueError(f"logit_bias id out of range for a vocabulary of {vocab}")

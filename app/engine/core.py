@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -32,12 +32,20 @@ from app import rng as rng_mod
 from app.continuation import states_from_bytes, states_to_bytes
 from app.decode import DecodeGraph, DecodeGraphs, block_uniforms
 from app.engine.admission import AdmissionPolicy, Decision
-from app.engine.batch import Batch, Sequence, StepModel
+from app.engine.batch import Batch, DfaTables, Sequence, StepModel
 from app.engine.cache import StateCache, prefix_digests
-from app.engine.messages import TOP_ALTERNATIVES, Detail, Final, GenerationRequest
+from app.engine.messages import (
+    TOP_ALTERNATIVES,
+    Constraint,
+    Detail,
+    Final,
+    GenerationRequest,
+)
 from app.sampling import sample_next, softmax
 
 log = logging.getLogger(__name__)
+
+DFA_TABLES_KEPT = 64  # distinct constraints whose arrays the engine keeps for reuse
 
 
 class EngineObserver(Protocol):
@@ -79,6 +87,9 @@ class EngineCore:
         self.policy = AdmissionPolicy(self, max_queue, max_wait_s)
         self.touched: list[Sequence] = []  # sequences with news since the loop last looked
         self._published: tuple[int, int] | None = None  # what publish() last reported
+        # Constraint arrays by constraint (equal ones share theirs: one lookup per group of
+        # rows at each step), the most recently used last.
+        self.dfa_tables: OrderedDict[Constraint, DfaTables] = OrderedDict()
 
     # --- queries --------------------------------------------------------------------------
     @property
@@ -230,7 +241,7 @@ class EngineCore:
         bad = []
         for j, s in enumerate(seqs):
             try:
-                s.check_vocab(logits.shape[-1])
+                s.shape_with(logits.shape[-1], self._tables)
             except ValueError as exc:
                 bad.append(j)
                 self._finish(s, "error", f"invalid generation parameters: {exc}")
@@ -447,11 +458,14 @@ class EngineCore:
             logits, shaped = self._shape(logits, None if whole else rows)
         nxt = sample_next(logits, pick(b.temperature), pick(b.top_k), pick(b.top_p), u)
         if shaped:
-            at = (lambda i: i) if whole else {i: j for j, i in enumerate(rows.tolist())}.get
-            for i in shaped:
-                dfa = b.seqs[i].dfa
-                if dfa is not None:
-                    dfa.advance(int(nxt[at(i)]))
+            pos = None if whole else {i: j for j, i in enumerate(rows.tolist())}
+            for tables, group in self._dfa_groups(list(shaped)).items():
+                dfas = [b.seqs[i].dfa for i in group]
+                states = tables.table[[d.state for d in dfas if d is not None],
+                                      nxt[group if pos is None else [pos[i] for i in group]]]
+                for d, state in zip(dfas, states.tolist(), strict=True):
+                    if d is not None:
+                        d.state = state
         if whole:
             b.counters += np.uint64(1)
             b.remaining -= 1
@@ -468,18 +482,40 @@ class EngineCore:
         b = self.batch
         out = logits.copy()
         at = None if rows is None else {i: j for j, i in enumerate(rows.tolist())}
-        shaped: dict[int, npt.NDArray[np.float32]] = {}
+        pos: dict[int, int] = {}  # batch row -> row of `out`
         for i in b.shaped_rows:
             j = i if at is None else at.get(i)
-            if j is None:
-                continue
-            s, row = b.seqs[i], out[j]
-            if s.bias is not None:
-                row += s.bias
-            if s.dfa is not None:
-                row[~s.dfa.allowed(int(b.remaining[i]))] = -np.inf
-            shaped[i] = row
-        return out, shaped
+            if j is not None:
+                pos[i] = j
+                bias = b.seqs[i].bias
+                if bias is not None:
+                    out[j] += bias
+        for tables, group in self._dfa_groups(list(pos)).items():
+            js = [pos[i] for i in group]
+            states = np.array([d.state for i in group if (d := b.seqs[i].dfa) is not None],
+                              np.intp)
+            ok = tables.allowed(states, b.remaining[group])
+            out[js] = np.where(ok, out[js], -np.inf)
+        return out, {i: out[j] for i, j in pos.items()}
+
+    def _dfa_groups(self, rows: list[int]) -> dict[DfaTables, list[int]]:
+        """Constrained batch rows among `rows`, grouped by the arrays they share."""
+        groups: dict[DfaTables, list[int]] = {}
+        for i in rows:
+            dfa = self.batch.seqs[i].dfa
+            if dfa is not None:
+                groups.setdefault(dfa.tables, []).append(i)
+        return groups
+
+    def _tables(self, c: Constraint) -> DfaTables:
+        tables = self.dfa_tables.get(c)
+        if tables is None:
+            tables = self.dfa_tables[c] = DfaTables(c)
+            if len(self.dfa_tables) > DFA_TABLES_KEPT:
+                self.dfa_tables.popitem(last=False)
+        else:
+            self.dfa_tables.move_to_end(c)
+        return tables
 
     def _details_from(self, chosen: npt.NDArray[np.integer],
                       rows: npt.NDArray[np.intp] | None = None,
