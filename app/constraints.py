@@ -116,7 +116,7 @@ def to_regex(spec: ConstraintSpec) -> str:
 
     try:
         return str(build_regex_from_schema(json.dumps(schema), JSON_WHITESPACE))
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # its errors are ValueError, TypeError and Rust-side ones
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConstraintError(f"json schema not supported: {first}") from None
 
@@ -471,11 +471,15 @@ def compile_constraint(spec: ConstraintSpec, chars: Sequence[str],
         _check_choices(json.loads(spec.source), chars)
     allowed = sum(1 << i for i, ch in enumerate(chars) if ch not in banned)
     nfa = _Nfa(chars, allowed, budget)
-    start, accept = parse(to_regex(spec), nfa)
+    try:
+        regex = to_regex(spec)
+    except RecursionError:
+        raise ConstraintError("json schema nests too deeply") from None
+    start, accept = parse(regex, nfa)
     table, accepting = determinize(nfa, start, accept, vocab)
     table, accepting, dist = prune(table, accepting)
     if not len(table):
-        missing = _needed(to_regex(spec), chars, banned, nfa.literals, budget)
+        missing = _needed(regex, chars, banned, nfa.literals, budget)
         if missing:
             raise ConstraintError(
                 "the constraint needs characters not in the model's vocabulary (or banned by "
