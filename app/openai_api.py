@@ -23,12 +23,16 @@ from app.engine.messages import Detail
 from app.errors import InvalidRequestError, error_body
 from app.replies import data_event, json_reply, sse_response
 from app.schemas import (
+    MAX_CHOICES,
+    MAX_CONSTRAINT_CHARS,
+    Bias,
     CharDetail,
     FieldNames,
     GenerateRequest,
     GenerateResponse,
     Seed,
     Stops,
+    StructuredOutputs,
     Temperature,
     TopP,
     number_in,
@@ -44,13 +48,31 @@ OPENAI_FINISH = {"length": "length", "stop": "stop", "time_limit": "length"}
 # OpenAI's legacy completions default: what its clients expect when they send nothing or null.
 DEFAULT_MAX_TOKENS = 16
 # How the service's limit checks name these fields in their messages.
-V1_NAMES = FieldNames(seed_text="prompt", max_new_chars="max_tokens")
+V1_NAMES = FieldNames(seed_text="prompt", max_new_chars="max_tokens", bias_by_id=True)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text (no constraint), json_object or json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -72,6 +94,16 @@ class CompletionRequest(BaseModel):
     logprobs: Annotated[int | None, number_in(0, 5)] = Field(
         None, description="top alternatives per character, 0 to 5")
     echo: bool = False
+    # Constraints: vLLM's structured_outputs, its older guided_* fields and OpenAI's
+    # response_format all become one structured_outputs (at most one of them per request).
+    structured_outputs: StructuredOutputs | None = None
+    guided_regex: str | None = Field(None, max_length=MAX_CONSTRAINT_CHARS)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    guided_json: dict[str, Any] | str | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, Bias] | None = Field(
+        None, max_length=4096, description="token id (the model's character id) or the "
+        "character itself -> additive bias in [-100, 100]; -100 bans it")
 
     @field_validator("max_tokens")
     @classmethod
@@ -86,12 +118,36 @@ class CompletionRequest(BaseModel):
                 f"prompt must be a string or a list of one string, got {len(self.prompt)} items")
         return self.prompt[0]
 
+    def structured(self) -> StructuredOutputs | None:
+        """The one constraint this request asks for, whichever field it came in."""
+        given: dict[str, StructuredOutputs] = {}
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs
+        if self.guided_regex is not None:
+            given["guided_regex"] = StructuredOutputs(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            given["guided_choice"] = StructuredOutputs(choice=self.guided_choice)
+        if self.guided_json is not None:
+            given["guided_json"] = StructuredOutputs(json_=self.guided_json)
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["response_format"] = StructuredOutputs(json_object=True)
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidRequestError(
+                    'response_format of type "json_schema" needs json_schema.schema')
+            given["response_format"] = StructuredOutputs(json_=fmt.json_schema.schema_)
+        if len(given) > 1:
+            raise InvalidRequestError(f"send one constraint per request, got {', '.join(given)}")
+        return next(iter(given.values()), None)
+
     def to_generate(self) -> GenerateRequest:
         return GenerateRequest.model_construct(
             model=self.model, seed_text=self.prompt_text(), temperature=self.temperature,
             max_new_chars=self.max_tokens, top_k=0, top_p=self.top_p, seed=self.seed,
             stop=self.stop or [], stream=self.stream, details=self.logprobs is not None,
-            time_limit_s=None,
+            time_limit_s=None, structured_outputs=self.structured(),
+            logit_bias=self.logit_bias,
         )
 
 

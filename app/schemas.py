@@ -15,12 +15,15 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    model_validator,
 )
 
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 2**31 - 1
 MAX_STOPS = 8
 MAX_STOP_CHARS = 64
+MAX_CHOICES = 256
+MAX_CONSTRAINT_CHARS = 20_000  # a regex, a choice, or a JSON schema as sent
 FinishReason = Literal["length", "stop", "time_limit", "cancelled", "error"]
 
 
@@ -76,6 +79,35 @@ TimeLimit = Annotated[float | None, number_in(0, sys.float_info.max, lo_open=Tru
                                               want="a positive number of seconds")]
 
 
+# logit_bias: character (or, on /v1, token id) -> additive bias; -100 bans, +100 all but forces.
+Bias = Annotated[float, number_in(-100, 100, note=" (-100 bans the character)")]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: the generated text must match exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    regex: str | None = Field(None, max_length=MAX_CONSTRAINT_CHARS, description=(
+        "Python regex the whole generated text matches (no lookaround or backreferences)"))
+    choice: list[Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]] | None = (
+        Field(None, min_length=1, max_length=MAX_CHOICES,
+              description="the text is exactly one of these strings"))
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description=(
+        "JSON schema the text is an instance of (compact: at most one space between tokens)"))
+    json_object: bool | None = Field(None, description="true: any JSON object")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k, v in (("regex", self.regex), ("choice", self.choice),
+                                ("json", self.json_), ("json_object", self.json_object))
+                 if v is not None and v is not False]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of regex, choice, json, "
+                             f"json_object; got {', '.join(given) if given else 'none'}")
+        return self
+
+
 @dataclass(frozen=True)
 class FieldNames:
     """What the caller calls the fields that the service checks against its own limits
@@ -83,6 +115,8 @@ class FieldNames:
 
     seed_text: str = "seed_text"
     max_new_chars: str = "max_new_chars"
+    # logit_bias keys: characters (/generate), or token ids as OpenAI's clients send them
+    bias_by_id: bool = False
 
 
 NATIVE_NAMES = FieldNames()
@@ -119,6 +153,13 @@ class GenerateRequest(BaseModel):
         None, max_length=200_000, description="continue a generation from its handle: the "
         "text goes on exactly as one longer request would have; send no seed_text or "
         "sampling parameters (the handle carries them)")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="constrain the generated text to a regex, a choice of strings or a "
+        "JSON schema (compiled to the model's alphabet; 422 when it needs characters the model "
+        "lacks). Ends with finish_reason `stop` once the text is complete")
+    logit_bias: dict[str, Bias] | None = Field(
+        None, max_length=4096, description="character -> additive bias in [-100, 100] on its "
+        "logit before sampling; -100 bans it")
 
 
 class Usage(BaseModel):
@@ -141,8 +182,11 @@ class Alternative(BaseModel):
 
 class CharDetail(BaseModel):
     char: str
-    prob: float
+    prob: float = Field(description="the model's own probability (temperature 1)")
     top: list[Alternative]
+    constrained_prob: float | None = Field(
+        None, description="with structured_outputs or logit_bias: the probability after the "
+        "bias and the constraint's mask, renormalised (temperature 1)")
 
 
 class GenerateResponse(BaseModel):

@@ -16,10 +16,12 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from app.artifact import ArtifactError, ModelMetadata, check_inside, read_metadata
+from app.constraints import ConstraintCompiler, ConstraintError, ConstraintSpec
 from app.continuation import Handle, model_id, open_handle, sign, verify
 from app.decode import load_served
 from app.engine.client import (
@@ -58,6 +60,7 @@ from app.schemas import (
     ModelDetail,
     ModelInfo,
     StateInfo,
+    StructuredOutputs,
     Timings,
     Usage,
     shown,
@@ -94,6 +97,15 @@ class Served:
     observer: ModelObserver
 
 
+@dataclass(frozen=True)
+class PendingConstraint:
+    """A request's constraint, compiled in `open` on a worker thread (it may take a while)."""
+
+    spec: ConstraintSpec
+    banned: frozenset[str]  # characters logit_bias bans: the constraint must do without
+    max_new_field: str  # what the caller calls max_new_chars, for the 422
+
+
 @dataclass
 class Job:
     """A checked request: its model and the one GenerationRequest the engine runs."""
@@ -102,6 +114,7 @@ class Job:
     request: GenerationRequest
     seed_text: str  # as the model sees it
     lowercased: bool
+    constraint: PendingConstraint | None = None
 
 
 class Reply:
@@ -127,8 +140,19 @@ class Reply:
     def char_details(self, ids: list[int], details: list[Detail]) -> list[CharDetail]:
         chars = self.job.served.model.vocab.chars
         return [CharDetail(char=chars[i], prob=p,
-                           top=[Alternative(char=chars[t], prob=q) for t, q in top])
-                for i, (p, top) in zip(ids, details, strict=False)]
+                           top=[Alternative(char=chars[t], prob=q) for t, q in top],
+                           constrained_prob=c)
+                for i, (p, top, c) in zip(ids, details, strict=False)]
+
+
+def constraint_spec(so: StructuredOutputs) -> ConstraintSpec:
+    if so.regex is not None:
+        return ConstraintSpec.of("regex", so.regex)
+    if so.choice is not None:
+        return ConstraintSpec.of("choice", so.choice)
+    if so.json_ is not None:
+        return ConstraintSpec.of("json", so.json_)
+    return ConstraintSpec.of("json_object", None)
 
 
 def discover(models_dir: Path) -> list[Path]:
@@ -144,10 +168,11 @@ def discover(models_dir: Path) -> list[Path]:
     return found
 
 
-def sampling_from(body: BaseModel, seed: int) -> Sampling:
-    """The body's sampling fields, by name (a new one needs no copying code here)."""
-    values = {f: getattr(body, f) for f in SAMPLING_FIELDS if f != "seed"}
-    return Sampling(**values, seed=seed)
+def sampling_from(body: BaseModel, seed: int, **checked: Any) -> Sampling:
+    """The body's sampling fields, by name (a new one needs no copying code here), but those
+    the service has translated (`checked`: logit_bias as ids)."""
+    values = {f: getattr(body, f) for f in SAMPLING_FIELDS if f != "seed" and f not in checked}
+    return Sampling(**values, **checked, seed=seed)
 
 
 class ModelService:
@@ -164,6 +189,7 @@ class ModelService:
         self.generation = 0
         self.retiring: dict[EngineClient, asyncio.Task[None]] = {}
         self._sync_lock = asyncio.Lock()
+        self.constraints = ConstraintCompiler()
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -238,6 +264,7 @@ class ModelService:
         for engine, task in self.retiring.items():
             task.cancel()
             engine.close()
+        self.constraints.close()
 
     # --- hot reload (engine processes) ----------------------------------------------------
     async def follow(self) -> None:
@@ -353,6 +380,10 @@ class ModelService:
         """Check the request against this server's limits and the model's vocabulary, and
         build its GenerationRequest; messages name the fields as the caller does (`names`)."""
         if body.continuation is not None:
+            if body.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "a continuation goes on as the request it continues; do not send "
+                    "structured_outputs with it")
             return self._prepare_continuation(body, stream, names, scope)
         served = self.get(body.model)
         s = self.settings
@@ -373,14 +404,81 @@ class ModelService:
                 f"{served.model.name!r}: {chars}")
         primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
                                else vocab.chars[0])
+        bias, banned = self._logit_bias(body, served, names)
         request = GenerationRequest(
             seed_ids=vocab.encode(primer).tolist(), max_new=self._max_new(body, names),
             sampling=sampling_from(body, body.seed if body.seed is not None
-                                   else secrets.randbits(63)),
+                                   else secrets.randbits(63), logit_bias=bias),
             stop=self._stops(body, served), time_limit_s=self._time_limit(body),
             details=body.details, stream=stream, resumable=self._check_resumable(body, served),
             cache_scope=scope)
-        return Job(served, request, seed_text, lower and body.seed_text.lower() != body.seed_text)
+        return Job(served, request, seed_text, lower and body.seed_text.lower() != body.seed_text,
+                   self._constraint(body, banned, names))
+
+    @staticmethod
+    def _logit_bias(body: GenerateRequest, served: Served, names: FieldNames
+                    ) -> tuple[tuple[tuple[int, float], ...], frozenset[str]]:
+        """logit_bias as (id, bias) pairs, and the characters it bans (-100)."""
+        if not body.logit_bias:
+            return (), frozenset()
+        chars = served.model.vocab.chars
+        index = {c: i for i, c in enumerate(chars)}
+        pairs: dict[int, float] = {}
+        unknown: list[str] = []
+        for key, value in body.logit_bias.items():
+            if names.bias_by_id and key.isascii() and key.isdigit():
+                i = int(key) if len(key) < 12 else len(chars)
+                if i >= len(chars):
+                    unknown.append(f"id {key[:12]}")
+                    continue
+            elif key in index:
+                i = index[key]
+            else:
+                unknown.append(repr(key[:20]))
+                continue
+            pairs[i] = float(value)
+        if unknown:
+            what = f"token ids in [0, {len(chars)}) or characters" if names.bias_by_id \
+                else "characters"
+            raise InvalidRequestError(
+                f"logit_bias keys must be {what} of model {served.model.name!r}'s vocabulary; "
+                f"unknown: {', '.join(unknown[:20])}")
+        banned = frozenset(chars[i] for i, b in pairs.items() if b <= -100)
+        if len(banned) == len(chars):
+            raise InvalidRequestError("logit_bias bans every character of the vocabulary")
+        return tuple(sorted(pairs.items())), banned
+
+    def _constraint(self, body: GenerateRequest, banned: frozenset[str], names: FieldNames
+                    ) -> PendingConstraint | None:
+        so = body.structured_outputs
+        if so is None:
+            return None
+        if body.resumable:
+            raise InvalidRequestError(
+                "resumable cannot be combined with structured_outputs: a continuation would "
+                "need the constraint's state")
+        try:
+            return PendingConstraint(constraint_spec(so), banned, names.max_new_chars)
+        except ConstraintError as exc:
+            raise InvalidRequestError(f"structured_outputs: {exc}") from None
+
+    async def _compile(self, job: Job) -> None:
+        """Compile the job's constraint (cached by key, else on a worker thread with a
+        deadline): 422 when it cannot be used or needs more characters than allowed."""
+        pending = job.constraint
+        if pending is None or job.request.constraint is not None:
+            return
+        try:
+            compiled = await self.constraints.compile(
+                pending.spec, job.served.model.vocab.chars, pending.banned)
+        except ConstraintError as exc:
+            raise InvalidRequestError(f"structured_outputs: {exc}") from None
+        if compiled.shortest > job.request.max_new:
+            raise InvalidRequestError(
+                f"structured_outputs: the shortest text the constraint accepts has "
+                f"{compiled.shortest} characters, more than {pending.max_new_field} "
+                f"({job.request.max_new})")
+        job.request.constraint = compiled.constraint
 
     def _max_new(self, body: GenerateRequest, names: FieldNames) -> int:
         s = self.settings
@@ -455,6 +553,7 @@ class ModelService:
                    ) -> AsyncGenerator[Event | None, None]:
         """The request's events, once it is admitted: raises OverloadedError (429) or
         UnavailableError (503) before any byte of the reply is written."""
+        await self._compile(job)  # 422 here, before the engine sees the request
         events = self.generate(job, idle_s)
         try:
             await anext(events)  # Admitted

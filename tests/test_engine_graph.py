@@ -130,3 +130,25 @@ def test_decode_graphs_are_chosen_by_k_and_0_means_host(
     assert core.graph_files == "model.onnx + decode.k8.onnx"
     core.policy.calibrate(repeats=1)
     assert core.policy.step_fixed_s > 0
+
+
+def test_constrained_and_biased_rows_give_the_host_engines_ids_beside_free_ones(
+        model: OnnxModel, graphs: DecodeGraphs) -> None:
+    """Rows with a constraint or a logit_bias sample on the host (the graph has no masks): the
+    graph engine decodes on the host while one is in the batch and returns to its K-step graph
+    after, and every row, shaped or free, gets the host engine's ids."""
+    from app.constraints import ConstraintSpec, compile_constraint
+
+    words = compile_constraint(ConstraintSpec.of("regex", r"[A-Z][a-z]+( [a-z]+){1,6}\."),
+                               model.vocab.chars).constraint
+    e = int(model.vocab.encode("e")[0])
+    params = [varied(model, i, constraint=words if i % 2 == 0 else None,
+                     logit_bias=((e, -100.0),) if i % 4 == 1 else ()) for i in range(24)]
+    host = run(model, None, params, max_batch=16, prefill_chunk_chars=7)
+    graph = run(model, graphs, params, max_batch=16, prefill_chunk_chars=7)
+    for i, (h, g) in enumerate(zip(host, graph, strict=True)):
+        assert g.ids == h.ids
+        assert (g.finish_reason, g.sampled) == (h.finish_reason, h.sampled)
+        if i % 4 == 1:
+            assert e not in h.ids
+    assert any(h.finish_reason == "stop" and h.req.constraint is not None for h in host)

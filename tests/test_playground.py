@@ -210,6 +210,24 @@ def test_api_errors_are_shown_to_the_user(page: Page) -> None:
     expect(page.locator("#generate")).to_be_enabled()
 
 
+def test_the_constraint_box_constrains_the_text(page: Page) -> None:
+    fill_form(page, "ROMEO:\n", 200, seed="3", temperature="1.2")
+    expect(page.locator("#constraint")).to_be_disabled()
+    page.select_option("#constraint-kind", "choice")
+    page.fill("#constraint", "my lord|good night|farewell")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_attribute("data-state", "done")
+    generated = "".join(page.locator("#output .gen").all_text_contents())
+    assert generated in ("my lord", "good night", "farewell")
+    expect(page.locator("#stat-finish")).to_have_text(re.compile("^stop"))
+    page.select_option("#constraint-kind", "regex")
+    page.fill("#constraint", "[A-Z][a-z]+( [a-z]+){2,4}\\.")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_attribute("data-state", "done")
+    generated = "".join(page.locator("#output .gen").all_text_contents())
+    assert re.fullmatch(r"[A-Z][a-z]+( [a-z]+){2,4}\.", generated), generated
+
+
 def test_layout_fits_a_phone_screen(page: Page) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     fill_form(page, "ROMEO:\n", 300, seed="7", temperature="0.5")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from app import rng as rng_mod
-from app.engine.messages import Detail, Final, GenerationRequest
+from app.engine.messages import MAX_BIAS, Constraint, Detail, Final, GenerationRequest
 from app.stops import StopMatcher
 
 
@@ -26,6 +27,51 @@ class StepModel(Protocol):
     def states_to_host(self, states: Any) -> list[npt.NDArray[np.float32]]: ...
     def step(self, ids: npt.NDArray[np.int32],
              states: Any) -> tuple[npt.NDArray[np.float32], Any]: ...
+
+
+class DfaTables:
+    """A compiled constraint as arrays (app/constraints.py), shared by every row using it."""
+
+    def __init__(self, c: Constraint) -> None:
+        self.table = np.frombuffer(c.table, np.int32).reshape(c.states, c.vocab)  # (S, V)
+        self.dist = np.frombuffer(c.dist, np.int32)  # (S,): characters to acceptance
+        moves = (self.table >= 0).any(axis=1)
+        self.final = np.frombuffer(c.accepting, np.uint8).astype(bool) & ~moves  # (S,)
+
+    def allowed(self, states: npt.NDArray[np.intp], remaining: npt.NDArray[np.int64]
+                ) -> npt.NDArray[np.bool_]:
+        """(R, V) for rows in `states` with `remaining` characters to go (this one included):
+        the ids leading to a state from which acceptance is reachable in the characters left
+        after this one, so the text always completes. A row with too few characters left (the
+        service refuses such requests up front) gets every live move and ends by length."""
+        nxt = self.table[states]  # (R, V)
+        live = nxt >= 0
+        ok = live & (self.dist[np.maximum(nxt, 0)] <= (remaining - 1)[:, None])
+        short = ~ok.any(axis=1)
+        if short.any():
+            ok[short] = live[short]
+        return ok
+
+
+class RowConstraint:
+    """A row's constraint and where its text stands in it."""
+
+    def __init__(self, tables: DfaTables) -> None:
+        self.tables = tables
+        self.state = 0
+
+    @property
+    def done(self) -> bool:
+        """Accepting with no way on: the text is complete."""
+        return bool(self.tables.final[self.state])
+
+
+def bias_vector(pairs: tuple[tuple[int, float], ...], vocab: int) -> npt.NDArray[np.float32]:
+    """(V,) additive logit bias; -100 bans (-inf), as OpenAI's logit_bias."""
+    bias = np.zeros(vocab, np.float32)
+    for i, b in pairs:
+        bias[i] = -np.inf if b <= -MAX_BIAS else b
+    return bias
 
 
 class Sequence:
@@ -55,6 +101,24 @@ class Sequence:
         self.digests: dict[int, bytes] = {}  # state-cache keys of the seed's prefixes
         self.final: Final | None = None  # resumable, ended by length or time
         self.sent = 0  # ids already sent to the reader
+        # Shaping of the next-id distribution (host sampling only): a constraint's DFA and an
+        # additive bias, set when the row joins the batch (the vocabulary size is known then).
+        self.dfa: RowConstraint | None = None
+        self.bias: npt.NDArray[np.float32] | None = None
+
+    def shape_with(self, vocab: int, tables: Callable[[Constraint], DfaTables]) -> None:
+        """Set the row's constraint (its arrays from `tables`, shared by equal constraints)
+        and bias; ValueError unless they fit a vocabulary of `vocab` ids."""
+        c = self.req.constraint
+        if c is not None:
+            if c.vocab != vocab:
+                raise ValueError(f"constraint compiled for {c.vocab} ids, the model has {vocab}")
+            self.dfa = RowConstraint(tables(c))
+        pairs = self.req.sampling.logit_bias
+        if any(i >= vocab for i, _ in pairs):
+            raise ValueError(f"logit_bias id out of range for a vocabulary of {vocab}")
+        if pairs:
+            self.bias = bias_vector(pairs, vocab)
 
     @property
     def done(self) -> bool:
@@ -91,6 +155,12 @@ class Batch:
         self.stop_rows: frozenset[int] = frozenset()
         self.detail_rows: list[int] = []
         self.fresh_rows: list[int] = []  # joined since the last step: their first char is next
+        # Rows whose distribution is shaped (constraint, logit_bias): sampled on the host.
+        self.shaped_rows: list[int] = []
+        self.dfa_rows: frozenset[int] = frozenset()
+        # With a decode graph: True while rows hold a pending id (graph form), False while
+        # their `logits` are current (host form, while shaped rows are in the batch).
+        self.graph_form = False
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -126,6 +196,9 @@ class Batch:
     def _index_rows(self) -> None:
         self.stop_rows = frozenset(i for i, s in enumerate(self.seqs) if s.matcher.stops)
         self.detail_rows = [i for i, s in enumerate(self.seqs) if s.req.details]
+        self.shaped_rows = [i for i, s in enumerate(self.seqs)
+                            if s.dfa is not None or s.bias is not None]
+        self.dfa_rows = frozenset(i for i in self.shaped_rows if self.seqs[i].dfa is not None)
 
     def filter(self, rows: npt.NDArray[np.intp]) -> None:
         """Keep only `rows`, in that order: finished rows leave after a step."""

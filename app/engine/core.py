@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -32,12 +32,20 @@ from app import rng as rng_mod
 from app.continuation import states_from_bytes, states_to_bytes
 from app.decode import DecodeGraph, DecodeGraphs, block_uniforms
 from app.engine.admission import AdmissionPolicy, Decision
-from app.engine.batch import Batch, Sequence, StepModel
+from app.engine.batch import Batch, DfaTables, Sequence, StepModel
 from app.engine.cache import StateCache, prefix_digests
-from app.engine.messages import TOP_ALTERNATIVES, Detail, Final, GenerationRequest
+from app.engine.messages import (
+    TOP_ALTERNATIVES,
+    Constraint,
+    Detail,
+    Final,
+    GenerationRequest,
+)
 from app.sampling import sample_next, softmax
 
 log = logging.getLogger(__name__)
+
+DFA_TABLES_KEPT = 64  # distinct constraints whose arrays the engine keeps for reuse
 
 
 class EngineObserver(Protocol):
@@ -79,6 +87,9 @@ class EngineCore:
         self.policy = AdmissionPolicy(self, max_queue, max_wait_s)
         self.touched: list[Sequence] = []  # sequences with news since the loop last looked
         self._published: tuple[int, int] | None = None  # what publish() last reported
+        # Constraint arrays by constraint (equal ones share theirs: one lookup per group of
+        # rows at each step), the most recently used last.
+        self.dfa_tables: OrderedDict[Constraint, DfaTables] = OrderedDict()
 
     # --- queries --------------------------------------------------------------------------
     @property
@@ -175,7 +186,10 @@ class EngineCore:
         if self.prefilling:
             self._prefill_slice()
         if self.batch.seqs:
-            if self.decode is not None:
+            # Shaped rows (constraint, logit_bias) need their logits on the host: while any is
+            # in the batch, every row decodes there, one id per step (the decode graph samples
+            # without masks). The same uniforms make the same ids either way.
+            if self.decode is not None and not self.batch.shaped_rows:
                 self._decode_graph(self.decode)
             else:
                 self._decode_host()
@@ -224,6 +238,19 @@ class EngineCore:
         return entry.logits if length == len(s.seed) else None
 
     def _join(self, seqs: list[Sequence], logits: npt.NDArray[np.float32], states: Any) -> None:
+        bad = []
+        for j, s in enumerate(seqs):
+            try:
+                s.shape_with(logits.shape[-1], self._tables)
+            except ValueError as exc:
+                bad.append(j)
+                self._finish(s, "error", f"invalid generation parameters: {exc}")
+        if bad:
+            keep = np.array([j for j in range(len(seqs)) if j not in bad], np.intp)
+            if not len(keep):
+                return
+            seqs, logits = [seqs[j] for j in keep], logits[keep]
+            states = self.model.select(states, keep)
         try:
             self.batch.append(seqs, logits, states)
         except Exception as exc:
@@ -301,10 +328,13 @@ class EngineCore:
         """One id per row, sampled on the host from the last logits, then one step-graph call
         advances the rows that go on."""
         b = self.batch
+        if b.graph_form and not self._feed_pending():
+            return
         self.policy.on_decode(len(b), 1)
-        nxt = self._sample_host(np.arange(len(b), dtype=np.intp))
+        nxt, shaped = self._sample_host(np.arange(len(b), dtype=np.intp))
         states = b.states
-        ended = self._emit([[t] for t in nxt.tolist()], [1] * len(b), self._details_from(nxt),
+        ended = self._emit([[t] for t in nxt.tolist()], [1] * len(b),
+                           self._details_from(nxt, None, shaped),
                            lambda i, n: b.row_states(i, states))
         if ended:
             nxt = nxt[self._drop_rows(ended)]
@@ -328,6 +358,9 @@ class EngineCore:
         While seeds prefill, the K = 1 graph runs, so a seed advances one slice per character
         as with host sampling; both graphs sample alike, so the text does not depend on it."""
         b = self.batch
+        if not b.graph_form:  # from the host form: every row's next id is sampled from logits
+            b.graph_form = True
+            b.fresh_rows = list(range(len(b)))
         if b.fresh_rows:
             self._start_rows()
             if not len(b):
@@ -359,7 +392,7 @@ class EngineCore:
             for i in b.detail_rows:
                 details[i] = [(float(out.chosen_prob[i, j]),
                                list(zip(out.top_ids[i, j].tolist(),
-                                        out.top_probs[i, j].tolist(), strict=True)))
+                                        out.top_probs[i, j].tolist(), strict=True)), None)
                               for j in range(int(take[i]))]
         blocks = out.ids.tolist()
 
@@ -381,17 +414,37 @@ class EngineCore:
         b = self.batch
         fresh = np.array(b.fresh_rows, np.intp)
         b.fresh_rows = []
-        first = self._sample_host(fresh)
+        first, shaped = self._sample_host(fresh)
         b.pending[fresh] = first
-        details = self._details_from(first, fresh)
+        details = self._details_from(first, fresh, shaped)
         rows = fresh.tolist()
         ended = self._emit([[t] for t in first.tolist()], [1] * len(rows), details,
                            lambda i, n: b.row_states(i), rows=rows)
         if ended:
             self._drop_rows(ended)
 
-    def _sample_host(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
-        """Sample one id for each of `rows` from their logits, advancing their counters."""
+    def _feed_pending(self) -> bool:
+        """From the graph form to the host form: rows just joined sample their first id, then
+        one step-graph call feeds every row's pending id, so every row's logits are current.
+        False when no row is left."""
+        b = self.batch
+        if b.fresh_rows:
+            self._start_rows()
+        b.graph_form = False
+        if not len(b):
+            return False
+        try:
+            logits, b.states = self.model.step(b.pending.astype(np.int32)[:, None], b.states)
+        except Exception as exc:
+            self._fail_batch(exc)
+            return False
+        b.logits = logits[:, -1, :]
+        return True
+
+    def _sample_host(self, rows: npt.NDArray[np.intp]
+                     ) -> tuple[npt.NDArray[np.int64], dict[int, npt.NDArray[np.float32]]]:
+        """Sample one id for each of `rows` from their logits, advancing their counters and
+        their constraints. Also returns the shaped rows' logits (batch row -> (V,))."""
         b = self.batch
         whole = len(rows) == len(b)
 
@@ -399,19 +452,78 @@ class EngineCore:
             return a if whole else a[rows]
 
         u = rng_mod.uniforms(pick(b.keys), pick(b.counters))
-        nxt = sample_next(pick(b.logits), pick(b.temperature), pick(b.top_k), pick(b.top_p), u)
+        logits = pick(b.logits)
+        shaped: dict[int, npt.NDArray[np.float32]] = {}
+        if b.shaped_rows:
+            logits, shaped = self._shape(logits, None if whole else rows)
+        nxt = sample_next(logits, pick(b.temperature), pick(b.top_k), pick(b.top_p), u)
+        if shaped:
+            pos = None if whole else {i: j for j, i in enumerate(rows.tolist())}
+            for tables, group in self._dfa_groups(list(shaped)).items():
+                dfas = [b.seqs[i].dfa for i in group]
+                states = tables.table[[d.state for d in dfas if d is not None],
+                                      nxt[group if pos is None else [pos[i] for i in group]]]
+                for d, state in zip(dfas, states.tolist(), strict=True):
+                    if d is not None:
+                        d.state = state
         if whole:
             b.counters += np.uint64(1)
             b.remaining -= 1
         else:
             b.counters[rows] += np.uint64(1)
             b.remaining[rows] -= 1
-        return nxt
+        return nxt, shaped
+
+    def _shape(self, logits: npt.NDArray[np.float32], rows: npt.NDArray[np.intp] | None
+               ) -> tuple[npt.NDArray[np.float32], dict[int, npt.NDArray[np.float32]]]:
+        """A copy of `logits` (one row per batch row, or per `rows`) with each shaped row's
+        logit_bias added and the ids its constraint does not allow at -inf: sampling then
+        draws from the renormalised allowed distribution, temperature and filters included."""
+        b = self.batch
+        out = logits.copy()
+        at = None if rows is None else {i: j for j, i in enumerate(rows.tolist())}
+        pos: dict[int, int] = {}  # batch row -> row of `out`
+        for i in b.shaped_rows:
+            j = i if at is None else at.get(i)
+            if j is not None:
+                pos[i] = j
+                bias = b.seqs[i].bias
+                if bias is not None:
+                    out[j] += bias
+        for tables, group in self._dfa_groups(list(pos)).items():
+            js = [pos[i] for i in group]
+            states = np.array([d.state for i in group if (d := b.seqs[i].dfa) is not None],
+                              np.intp)
+            ok = tables.allowed(states, b.remaining[group])
+            out[js] = np.where(ok, out[js], -np.inf)
+        return out, {i: out[j] for i, j in pos.items()}
+
+    def _dfa_groups(self, rows: list[int]) -> dict[DfaTables, list[int]]:
+        """Constrained batch rows among `rows`, grouped by the arrays they share."""
+        groups: dict[DfaTables, list[int]] = {}
+        for i in rows:
+            dfa = self.batch.seqs[i].dfa
+            if dfa is not None:
+                groups.setdefault(dfa.tables, []).append(i)
+        return groups
+
+    def _tables(self, c: Constraint) -> DfaTables:
+        tables = self.dfa_tables.get(c)
+        if tables is None:
+            tables = self.dfa_tables[c] = DfaTables(c)
+            if len(self.dfa_tables) > DFA_TABLES_KEPT:
+                self.dfa_tables.popitem(last=False)
+        else:
+            self.dfa_tables.move_to_end(c)
+        return tables
 
     def _details_from(self, chosen: npt.NDArray[np.integer],
-                      rows: npt.NDArray[np.intp] | None = None) -> dict[int, list[Detail]]:
+                      rows: npt.NDArray[np.intp] | None = None,
+                      shaped: dict[int, npt.NDArray[np.float32]] | None = None
+                      ) -> dict[int, list[Detail]]:
         """Host details for the detail rows among `rows` (all by default; chosen[j] is the id
-        row rows[j] picked): the model's own distribution (temperature 1) and the top ids."""
+        row rows[j] picked): the model's own distribution (temperature 1) and the top ids, and
+        for shaped rows the probability after bias and mask (temperature 1)."""
         b = self.batch
         if not b.detail_rows:
             return {}
@@ -425,7 +537,9 @@ class EngineCore:
         out: dict[int, list[Detail]] = {}
         for r, i in enumerate(wanted):
             tok = int(chosen[pos[i]])
-            out[i] = [(float(probs[r, tok]), [(int(t), float(probs[r, t])) for t in top[r]])]
+            constrained = (float(softmax(shaped[i])[tok]) if shaped and i in shaped else None)
+            out[i] = [(float(probs[r, tok]), [(int(t), float(probs[r, t])) for t in top[r]],
+                       constrained)]
         return out
 
     # --- emit -------------------------------------------------------------------------------
@@ -455,6 +569,10 @@ class EngineCore:
                         break
             else:
                 s.ids.extend(block)
+            if i in b.dfa_rows and i not in ended and s.dfa is not None and s.dfa.done:
+                # The constraint's text is complete: held-back characters are part of it.
+                s.ids.extend(s.matcher.flush())
+                ended[i] = ("stop", n, j)
             if i in details:
                 s.details.extend(details[i][:ended[i][1] if i in ended else n])
         self.touched.extend(seqs[i] for i in rows)

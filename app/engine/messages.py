@@ -22,6 +22,7 @@ import msgspec
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**63
 TOP_ALTERNATIVES = 5  # alternatives per character with `details`
+MAX_BIAS = 100.0  # logit_bias in [-100, 100]; -100 bans the character
 
 
 class Sampling(msgspec.Struct, frozen=True, array_like=True):
@@ -33,6 +34,9 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     top_k: int = 0  # 0 is off
     top_p: float = 1.0  # 1 is off
     seed: int = 0
+    # (id, bias) pairs added to the logits before sampling; -100 bans the id. Last, so handles
+    # sealed before it existed still decode.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -43,9 +47,31 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
             raise ValueError(f"top_p out of range: {self.top_p}")
         if not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed out of range: {self.seed}")
+        for i, b in self.logit_bias:
+            if i < 0 or not (math.isfinite(b) and -MAX_BIAS <= b <= MAX_BIAS):
+                raise ValueError(f"logit_bias out of range: {i}: {b}")
 
 
 SAMPLING_FIELDS: tuple[str, ...] = Sampling.__struct_fields__
+
+
+class Constraint(msgspec.Struct, frozen=True, array_like=True):
+    """A compiled constraint (app/constraints.py): a DFA over the model's vocabulary, sent once
+    with its request. From state s, id i leads to table[s, i] (-1: not allowed); `dist[s]` is
+    the fewest characters from s to an accepting state; state 0 starts."""
+
+    states: int
+    vocab: int
+    table: bytes  # int32 (states, vocab), native byte order
+    accepting: bytes  # uint8 (states,)
+    dist: bytes  # int32 (states,)
+
+    def check(self) -> None:
+        if self.states < 1 or self.vocab < 1:
+            raise ValueError("constraint has no states")
+        if (len(self.table), len(self.accepting), len(self.dist)) != (
+                4 * self.states * self.vocab, self.states, 4 * self.states):
+            raise ValueError("constraint arrays do not match its shape")
 
 
 class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only=True):
@@ -68,6 +94,8 @@ class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only
     # State-cache partition (a digest of the caller's API key): one caller's cached seeds
     # never speed up, and so never reveal themselves to, another.
     cache_scope: bytes = b""
+    # Generated text must match this DFA (structured outputs); None: free text.
+    constraint: Constraint | None = None
 
     def check(self) -> None:
         """Raise ValueError unless every field fits the engine's arrays."""
@@ -82,6 +110,8 @@ class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only
         if len(self.cache_scope) > 64:
             raise ValueError("cache_scope longer than 64 bytes")
         self.sampling.check()
+        if self.constraint is not None:
+            self.constraint.check()
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -130,8 +160,9 @@ class Started(msgspec.Struct, array_like=True):
     prefill_s: float
 
 
-# (probability at temperature 1, [(id, probability) of the likeliest ids])
-Detail = tuple[float, list[tuple[int, float]]]
+# (the model's probability at temperature 1, [(id, probability) of its likeliest ids], the
+# probability at temperature 1 after logit_bias and the constraint's mask: None without them)
+Detail = tuple[float, list[tuple[int, float]], float | None]
 
 
 class Chars(msgspec.Struct, tag="chars", array_like=True):

@@ -92,8 +92,17 @@ function chosenSeed() {
   return String(crypto.getRandomValues(new BigUint64Array(1))[0] >> 1n);
 }
 
+// structured_outputs from the constraint box: a regex, or choices separated by "|".
+function constraint() {
+  const kind = $("constraint-kind").value;
+  const text = $("constraint").value;
+  if (!kind || !text) return null;
+  return kind === "regex" ? { regex: text } : { choice: text.split("|") };
+}
+
 function requestBody(seed) {
   const maxChars = $("max-chars").value.trim();
+  const structured = constraint();
   const body = JSON.stringify({
     model: modelSelect.value,
     seed_text: $("seed-text").value,
@@ -101,7 +110,9 @@ function requestBody(seed) {
     max_new_chars: maxChars === "" ? null : Number(maxChars),
     stream: true,
     details: true,
-    resumable: true,
+    // A constrained text cannot be continued: it ends when it is complete.
+    resumable: structured === null,
+    ...(structured && { structured_outputs: structured }),
   });
   if (!/^\d+$/.test(seed)) throw new Error(`Random seed must be a whole number >= 0, got "${seed}"`);
   return `${body.slice(0, -1)},"seed":${seed}}`;
@@ -349,6 +360,9 @@ function setTemperature(value) {
 
 form.addEventListener("submit", generate);
 $("stop").addEventListener("click", () => controller?.abort());
+$("constraint-kind").addEventListener("change", () => {
+  $("constraint").disabled = !$("constraint-kind").value;
+});
 $("continue").addEventListener("click", continueRun);
 modelSelect.addEventListener("change", showModelInfo);
 $("api-key").addEventListener("change", loadModels);
