@@ -33,6 +33,8 @@ to them, which is why holding one cluster back is enough.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import regex
 
 _CLUSTER = regex.compile(r"\X")
@@ -72,6 +74,23 @@ class ClusterBuffer:
         """Everything held: the generation has ended, no character can extend it now."""
         held, self._held = self._held, ""
         return held
+
+
+# Code points that can join the one before or after into one cluster (UAX #29 GB3, GB6-GB9b,
+# GB11 through ZWJ and Extend, GB12-13). Text made only of others breaks between every two
+# code points: a plain-ASCII vocabulary (LF, not CR) needs no holding back at all.
+_JOINS = regex.compile(
+    r"[\p{Grapheme_Cluster_Break=Extend}\p{Grapheme_Cluster_Break=ZWJ}"
+    r"\p{Grapheme_Cluster_Break=SpacingMark}\p{Grapheme_Cluster_Break=Prepend}"
+    r"\p{Grapheme_Cluster_Break=Regional_Indicator}\p{Grapheme_Cluster_Break=CR}"
+    r"\p{Grapheme_Cluster_Break=L}\p{Grapheme_Cluster_Break=V}\p{Grapheme_Cluster_Break=T}"
+    r"\p{Grapheme_Cluster_Break=LV}\p{Grapheme_Cluster_Break=LVT}]")
+
+
+def can_join(chars: Iterable[str]) -> bool:
+    """Whether text over these code points can hold a cluster of more than one of them (if
+    not, every cut between code points is a cluster boundary: nothing needs holding back)."""
+    return any(_JOINS.match(c) for c in chars)
 
 
 def _last_cluster_start(text: str) -> int:

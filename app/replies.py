@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -21,10 +22,11 @@ from fastapi.sse import KEEPALIVE_COMMENT
 
 from app.engine.messages import Detail, Event
 from app.errors import ClientGoneError
-from app.graphemes import ClusterBuffer
+from app.graphemes import ClusterBuffer, can_join
 from app.schemas import GenerateResponse
 from app.service import Job, ModelService, Reply
 from app.sse_text import sse_event
+from app.vocab import Vocabulary
 
 T = TypeVar("T")
 
@@ -38,6 +40,11 @@ def named_event(name: str, payload: Any) -> bytes:
     return sse_event(payload, name)
 
 
+@functools.lru_cache(maxsize=64)
+def vocab_can_join(vocab: Vocabulary) -> bool:
+    return can_join(vocab.chars)
+
+
 class Holdback:
     """Characters and their details held until their grapheme cluster is complete, so no
     event begins or ends inside what a reader sees as one character (a combining mark, a
@@ -47,11 +54,16 @@ class Holdback:
     def __init__(self, reply: Reply) -> None:
         self.vocab = reply.job.served.model.vocab
         self.clusters = ClusterBuffer()
+        # A vocabulary with no code point that joins another (the bundled models': ASCII
+        # with LF) breaks clusters everywhere: nothing is held, no event waits for its next.
+        self.passthrough = not vocab_can_join(self.vocab)
         self.ids: list[int] = []
         self.details: list[Detail] | None = None
 
     def push(self, ids: list[int], details: list[Detail] | None
              ) -> tuple[list[int], list[Detail] | None]:
+        if self.passthrough:
+            return ids, details
         self.ids += ids
         if details is not None:
             self.details = (self.details or []) + details

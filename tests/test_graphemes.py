@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.graphemes import ClusterBuffer, cluster_boundaries
-from tests.conftest import FULL
+from app.artifact import read_metadata
+from app.graphemes import ClusterBuffer, can_join, cluster_boundaries
+from tests.conftest import FULL, ROOT
 from tests.modelgen import UNICODE_VOCAB
 
 # The unicode model's vocabulary, with the pieces that join clusters drawn more often.
@@ -93,3 +94,20 @@ def test_zalgo_is_not_held_until_the_end() -> None:
     sent = "".join(buf.push(c) for c in "a" + "\u0301" * 100)
     assert len(sent) >= 93
     assert sent + buf.flush() == "a" + "\u0301" * 100
+
+
+@props
+@given(st.text(st.characters(blacklist_categories=["Cs"]), max_size=60))
+def test_text_without_joining_code_points_breaks_between_every_two(text: str) -> None:
+    """What lets a plain vocabulary (the bundled models') skip the holdback altogether."""
+    if can_join(text):
+        return
+    assert cluster_boundaries(text) == list(range(len(text) + 1))
+
+
+def test_the_joining_code_points_are_known() -> None:
+    for c in ["\u0301", "\u200d", "\ufe0f", "\U0001f3fd", "\r", "🇫", "\u1100", "\u0903"]:
+        assert can_join([c]), repr(c)
+    assert not can_join("abc XYZ\n\t.,;:!?'-\u2028\x00\x1b😀")
+    assert not can_join(read_metadata(ROOT / "models" / "shakespeare").vocab)
+    assert can_join(UNICODE_VOCAB)
