@@ -336,6 +336,7 @@ class EngineCore:
         ended = self._emit([[t] for t in nxt.tolist()], [1] * len(b),
                            self._details_from(nxt, None, shaped),
                            lambda i, n: b.row_states(i, states))
+        b.fresh_rows = []  # their first characters are out
         if ended:
             nxt = nxt[self._drop_rows(ended)]
         if not len(b):
@@ -551,11 +552,22 @@ class EngineCore:
         default) to its sequence through its stop matcher; end the rows that stopped, ran out
         of characters or time. Returns the rows that ended (still in the batch)."""
         b = self.batch
-        rows = list(range(len(b))) if rows is None else rows
         seqs = b.seqs
         now = time.perf_counter()
         ended: dict[int, tuple[str, int, int]] = {}  # row -> (reason, ids used, j)
-        for j, i in enumerate(rows):
+        rows_iter: list[int] = []
+        if rows is None and not (b.stop_rows or b.dfa_rows or details):
+            # Most iterations: every row of the batch, none with work of its own but its ids.
+            # Rows new since the last step (host sampling) get their first-character time;
+            # the decode graph's new rows got it in _start_rows.
+            for s, block, n in zip(seqs, blocks, counts, strict=True):
+                s.ids.extend(block if n == len(block) else block[:n])
+            for i in b.fresh_rows:
+                seqs[i].first_at = seqs[i].first_at or now
+            rows = list(range(len(b)))
+        else:
+            rows = rows_iter = list(range(len(b))) if rows is None else rows
+        for j, i in enumerate(rows_iter):
             s, n = seqs[i], counts[j]
             block = blocks[j] if n == len(blocks[j]) else blocks[j][:n]
             if s.first_at is None:
