@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app import rng as rng_mod
-from app.engine.messages import Detail, Final, GenerationRequest
+from app.engine.messages import Detail, Final, GenerationRequest, TopLogprobs
 from app.stops import StopMatcher
 
 
@@ -55,6 +55,35 @@ class Sequence:
         self.digests: dict[int, bytes] = {}  # state-cache keys of the seed's prefixes
         self.final: Final | None = None  # resumable, ended by length or time
         self.sent = 0  # ids already sent to the reader
+        self.finish_sent = False
+        # Scoring (req.score): log p of seed positions start.. as prefill reaches them.
+        self.score_lp: list[float] = []
+        self.score_top: list[TopLogprobs] = []
+        self.scored_sent = False
+        # n > 1: this sequence prefills, then hands its state to n choices (`children`),
+        # each a Sequence of its own with `index` and this one as `parent`.
+        self.index = 0
+        self.parent: Sequence | None = None
+        self.children: list[Sequence] = []
+
+    @property
+    def rows(self) -> int:
+        """Batch rows this request takes once decoding."""
+        return self.req.n
+
+    def cancel(self, error: str | None = None) -> None:
+        """Flag this sequence and its choices for cancellation (an abort when `error`)."""
+        for s in (self, *self.children):
+            s.cancelled = True
+            if error is not None:
+                s.abort_error = error
+
+    @property
+    def family_done(self) -> bool:
+        """The request is over: it finished before fanning out, or every choice has."""
+        if self.children:
+            return all(c.done for c in self.children)
+        return self.done
 
     @property
     def done(self) -> bool:

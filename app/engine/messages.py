@@ -13,6 +13,7 @@ one message per character per request.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import msgspec
@@ -48,10 +49,40 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
 SAMPLING_FIELDS: tuple[str, ...] = Sampling.__struct_fields__
 
 
+class Scoring(msgspec.Struct, frozen=True, array_like=True):
+    """Score the seed in its prefill: log p(seed[t] | seed[:t]) for every seed position
+    t >= `start` (>= 1: the first character has no context), with the `top` likeliest
+    alternatives at each. The step graph returns logits for every position of a prefill
+    slice, so this costs one float64 log-softmax per position and no extra graph call."""
+
+    start: int = 1
+    top: int = 0  # alternatives per position, 0 to TOP_ALTERNATIVES
+
+    def check(self, seed_len: int) -> None:
+        if not 1 <= self.start <= max(seed_len, 1):
+            raise ValueError(f"score start out of range: {self.start}")
+        if not 0 <= self.top <= TOP_ALTERNATIVES:
+            raise ValueError(f"score top out of range: {self.top}")
+
+
+MAX_N = 4096  # rows one request may fan out to (the engine's max_batch bounds it further)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The random seed of choice `index` of a request seeded `seed`: the seed itself for
+    choice 0, so a request with n = 1 is choice 0 of the same request with any n, and a
+    BLAKE2b mix of (seed, index) for the others. Each choice is then reproducible alone, as
+    a request with n = 1 and this seed."""
+    if index == 0:
+        return seed
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % MAX_SEED
+
+
 class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only=True):
     rid: int = 0  # set by the engine client: unique among its requests
     seed_ids: list[int]  # non-empty: the seed (or the one id a continuation feeds next)
-    max_new: int
+    max_new: int  # 0: finish right after prefill (reason "length"), e.g. to score the seed
     sampling: Sampling = Sampling()
     stop: list[list[int]] = msgspec.field(default_factory=list)
     time_limit_s: float = 60.0
@@ -68,12 +99,17 @@ class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only
     # State-cache partition (a digest of the caller's API key): one caller's cached seeds
     # never speed up, and so never reveal themselves to, another.
     cache_scope: bytes = b""
+    # Score the seed during prefill (a `Scored` event before any character).
+    score: Scoring | None = None
+    # Choices sampled from one prefill: the state after the seed is copied into n rows, row i
+    # seeded choice_seed(seed, i); their events carry `index`. Admission counts n rows.
+    n: int = 1
 
     def check(self) -> None:
         """Raise ValueError unless every field fits the engine's arrays."""
         if not self.seed_ids:
             raise ValueError("seed must have at least one id")
-        if not 1 <= self.max_new < 2**62:
+        if not 0 <= self.max_new < 2**62:
             raise ValueError(f"max_new out of range: {self.max_new}")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s out of range: {self.time_limit_s}")
@@ -81,6 +117,10 @@ class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only
             raise ValueError(f"counter_start out of range: {self.counter_start}")
         if len(self.cache_scope) > 64:
             raise ValueError("cache_scope longer than 64 bytes")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n out of range: {self.n}")
+        if self.score is not None:
+            self.score.check(len(self.seed_ids))
         self.sampling.check()
 
 
@@ -141,6 +181,22 @@ class Chars(msgspec.Struct, tag="chars", array_like=True):
     ids: list[int]
     details: list[Detail] | None = None
     started: Started | None = None  # with the request's first characters
+    index: int = 0  # which choice (requests with n > 1)
+
+
+# Per scored position: [(id, log-probability)] of the likeliest ids, likeliest first.
+TopLogprobs = list[tuple[int, float]]
+
+
+class Scored(msgspec.Struct, tag="scored", array_like=True):
+    """The seed's scores (requests with `score`), once its prefill is done, before any
+    character: logprobs[i] = log p(seed[start + i] | seed[:start + i]) in nats, computed in
+    float64 from the step graph's logits."""
+
+    rid: int
+    start: int
+    logprobs: list[float]
+    top: list[TopLogprobs] | None = None
 
 
 class Final(msgspec.Struct, array_like=True):
@@ -164,6 +220,7 @@ class Finished(msgspec.Struct, tag="finished", array_like=True):
     finished_at: float
     prefill_s: float
     final: Final | None = None
+    index: int = 0  # which choice (requests with n > 1: one Finished per choice)
 
     def timings(self) -> dict[str, float]:
         end, t0 = self.finished_at, self.submitted_at
@@ -178,7 +235,7 @@ class Finished(msgspec.Struct, tag="finished", array_like=True):
         }
 
 
-Event = Admitted | Refused | Chars | Finished
+Event = Admitted | Refused | Scored | Chars | Finished
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):
