@@ -48,7 +48,7 @@ class Sequence:
         self.first_at: float | None = None
         self.finished_at: float | None = None
         self.prefill_s = 0.0
-        self.matcher: StopMatcher[int] = StopMatcher(req.stop)
+        self.matcher: StopMatcher[int] = StopMatcher(req.stop, req.sampling.min_tokens)
         # Prefill progress: seed ids consumed so far and the state after them.
         self.prefilled = 0
         self.states: Any = None

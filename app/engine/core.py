@@ -43,7 +43,6 @@ from app.engine.messages import (
     Detail,
     Final,
     GenerationRequest,
-    Sampling,
     choice_seed,
 )
 from app.engine.scoring import score_positions
@@ -287,9 +286,8 @@ class EngineCore:
         """Choice `index` of a request with n choices: its own row, stop matcher, counters
         and random stream (seeded choice_seed(seed, index), so it reproduces alone)."""
         req = parent.req
-        sampling = req.sampling
-        seeded = Sampling(**{f: getattr(sampling, f) for f in sampling.__struct_fields__
-                             if f != "seed"}, seed=choice_seed(sampling.seed, index))
+        seeded = msgspec.structs.replace(req.sampling,
+                                         seed=choice_seed(req.sampling.seed, index))
         child = Sequence(msgspec.structs.replace(req, sampling=seeded, n=1, score=None),
                          parent.client)
         child.index, child.parent = index, parent

@@ -34,6 +34,9 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     top_k: int = 0  # 0 is off
     top_p: float = 1.0  # 1 is off
     seed: int = 0
+    # Stop strings cannot end the text before this many characters (the matcher's business:
+    # both decode paths emit through it, so nothing here for the samplers).
+    min_tokens: int = 0
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -44,6 +47,8 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
             raise ValueError(f"top_p out of range: {self.top_p}")
         if not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed out of range: {self.seed}")
+        if not 0 <= self.min_tokens < 2**62:
+            raise ValueError(f"min_tokens out of range: {self.min_tokens}")
 
 
 SAMPLING_FIELDS: tuple[str, ...] = Sampling.__struct_fields__
