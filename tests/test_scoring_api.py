@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
-from functools import cache
 from typing import Any
 
 import httpx
@@ -17,9 +16,9 @@ import openai
 import pytest
 
 from app.engine.messages import choice_seed
-from app.runtime import load_model
 from app.support import FIELDS, NEUTRAL, markdown_table
 from tests.conftest import ROOT, InProcessServer
+from tests.stepwise import stepwise as stepwise_in
 
 MODEL_DIR = ROOT / "models" / "shakespeare"
 
@@ -38,23 +37,8 @@ def client(srv: InProcessServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
 
 
-@cache
-def _model() -> Any:
-    return load_model(MODEL_DIR)
-
-
-@cache
 def stepwise(text: str) -> tuple[float, ...]:
-    """log p(text[t] | text[:t]) for t >= 1: numpy on the host, one character per call."""
-    model = _model()
-    ids = model.vocab.encode(text).tolist()
-    states = [np.zeros((1, s.size), np.float32) for s in model.meta.onnx.states]
-    out = []
-    for prev, nxt in zip(ids, ids[1:], strict=False):
-        logits, states = model.run_numpy(np.array([[prev]], np.int32), states)
-        z = logits[0, -1].astype(np.float64)
-        out.append(float(z[nxt] - z.max() - math.log(np.exp(z - z.max()).sum())))
-    return tuple(out)
+    return stepwise_in(MODEL_DIR, text)
 
 
 def post(srv: InProcessServer, path: str, body: dict[str, Any]) -> httpx.Response:

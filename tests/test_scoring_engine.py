@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,7 @@ from app.engine.scoring import log_softmax
 from app.runtime import load_model
 from tests.conftest import ROOT
 from tests.fakes import FakeModel, request, run_one, running_engine
+from tests.stepwise import stepwise
 
 
 def run(coro: Any) -> Any:
@@ -179,18 +178,6 @@ def test_a_request_with_n_choices_that_ends_in_its_prefill_ends_every_choice() -
     assert sorted(e.index for e in events if isinstance(e, Finished)) == [0, 1, 2]
 
 
-def stepwise_logprobs(model_dir: Path, ids: list[int]) -> list[float]:
-    """An independent scorer: the step graph one character at a time, numpy on the host."""
-    model = load_model(model_dir)
-    states = [np.zeros((1, s.size), np.float32) for s in model.meta.onnx.states]
-    out = []
-    for prev, nxt in itertools.pairwise(ids):
-        logits, states = model.run_numpy(np.array([[prev]], np.int32), states)
-        z = logits[0, -1].astype(np.float64)
-        out.append(float(z[nxt] - z.max() - math.log(np.exp(z - z.max()).sum())))
-    return out
-
-
 def test_scores_on_a_real_graph_equal_a_step_by_step_computation() -> None:
     model_dir = ROOT / "models" / "shakespeare"
     model = load_model(model_dir)
@@ -204,6 +191,6 @@ def test_scores_on_a_real_graph_equal_a_step_by_step_computation() -> None:
         return events[0]
 
     scored = run(go())
-    want = stepwise_logprobs(model_dir, ids)
+    want = stepwise(model_dir, text)
     assert np.max(np.abs(np.array(scored.logprobs) - want)) < 1e-4
     assert abs(sum(scored.logprobs) - sum(want)) < 1e-4

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
-def write(name: str, docs: list[dict[str, object]]) -> None:
+def write(name: str, docs: Sequence[Mapping[str, object]]) -> None:
     with (HERE / name).open("w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
