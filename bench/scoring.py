@@ -5,9 +5,10 @@
    onnxruntime prefill of the same texts in this process (one graph call over whole texts,
    no log-softmax, no HTTP), measured in the same run.
 2. lm-evaluation-harness 0.4.13 (`local-completions`, its remote tokenizer, batch size 4) on
-   the last 10% of each bundled model's corpus (its validation split), as one
-   loglikelihood_rolling document: the bits per character it reports, next to the figures in
-   the model's model.json.
+   the last 10% of each bundled model's corpus (its validation split), cut at line ends into
+   loglikelihood_rolling documents of about 2,000 characters (one request each; the newline
+   before each is the primer lm-eval's prefix token stands for): the bits per character it
+   reports, next to the figures in the model's model.json.
 
     .venv/bin/python -m bench.scoring            # ~2 minutes on 2 cores
     .venv/bin/python -m bench.scoring --quick    # smoke run (files get -quick)
@@ -35,6 +36,7 @@ from bench.decode import free_port
 
 DATA = Path(os.environ.get("CHARLSTM_DATA", ROOT.parent / "shared" / "data"))
 CORPORA = {"shakespeare": "tinyshakespeare.txt", "nietzsche": "nietzsche.txt"}
+DOC_CHARS = 2000  # lm-eval's rolling windows are 2,047 tokens: one window per document
 
 
 def held_out(model: str) -> str:
@@ -111,8 +113,15 @@ def lm_eval_heldout(model: str, url: str, work: Path, limit_chars: int | None) -
     """lm-eval's loglikelihood_rolling over the held-out text, as `lm_eval` on the command
     line runs it (another process: its imports stay out of this one)."""
     text = held_out(model)[:limit_chars]
+    docs = []
+    while text:
+        cut = text.find("\n", DOC_CHARS)
+        doc, text = (text, "") if cut < 0 else (text[:cut], text[cut + 1:])
+        if doc:
+            docs.append(doc)
     data = work / f"{model}.jsonl"
-    data.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    chars = sum(map(len, docs))
     (work / f"heldout_{model}.yaml").write_text(
         f"task: heldout_{model}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
@@ -135,12 +144,13 @@ def lm_eval_heldout(model: str, url: str, work: Path, limit_chars: int | None) -
     if res.returncode != 0:
         raise RuntimeError(f"lm_eval failed:\n{res.stderr[-3000:]}")
     samples = next(out.rglob(f"samples_heldout_{model}_*.jsonl"))
-    ll = sum(json.loads(line)["filtered_resps"][0] for line in samples.open())
+    # the samples file holds each response as its repr
+    ll = math.fsum(float(json.loads(line)["filtered_resps"][0]) for line in samples.open())
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     meta = json.loads((ROOT / "models" / model / "model.json").read_text())
     measures = meta["validation"]["measures"]
-    return {"chars": len(text), "loglikelihood_nats": round(ll, 3),
-            "bits_per_char": round(-ll / len(text) / math.log(2), 4),
+    return {"chars": chars, "documents": len(docs), "loglikelihood_nats": round(ll, 3),
+            "bits_per_char": round(-ll / chars / math.log(2), 4),
             "lm_eval_bits_per_byte": round(
                 results["results"][f"heldout_{model}"]["bits_per_byte,none"], 4),
             "model_json_bits_per_char": {k: v["bits_per_char"] for k, v in measures.items()},
@@ -198,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
           "characters; raw = one onnxruntime call over the whole texts, same run)\n\n"
           + md_table(["in flight", "served chars/s", "raw prefill chars/s", "served / raw",
                       "server ms p50"], rows)
-          + "\n\n## lm-eval 0.4.13 on the held-out 10% (loglikelihood_rolling, windows of "
-          "2,047 characters from a zero state)\n\n"
+          + "\n\n## lm-eval 0.4.13 on the held-out 10% (loglikelihood_rolling, documents of "
+          f"~{DOC_CHARS:,} characters cut at line ends, each from a zero state primed with "
+          "its newline)\n\n"
           + md_table(["model", "characters", "bits/char (lm-eval)", "lm-eval bits/byte",
                       "model.json windows of 256", "model.json state carried"], hrows)
           + "\n")
