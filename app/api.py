@@ -10,8 +10,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from app.auth import requires_key, tenant
 from app.errors import UnavailableError, error_response
-from app.replies import NativeFormat, json_reply, sse_response
-from app.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelDetail, ModelList
+from app.replies import NativeFormat, json_reply, native_body, sse_response
+from app.schemas import (
+    ErrorBody,
+    GenerateChoices,
+    GenerateRequest,
+    GenerateResponse,
+    ModelDetail,
+    ModelList,
+    ScoreRequest,
+    ScoreResponse,
+)
 from app.service import ModelService
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -35,7 +44,7 @@ def wants_stream(body: GenerateRequest, accept: str | None) -> bool:
 
 
 @protected.post(
-    "/generate", response_model=GenerateResponse, tags=["generation"],
+    "/generate", response_model=GenerateResponse | GenerateChoices, tags=["generation"],
     summary="Generate text from a seed",
     responses={200: {"content": {"text/event-stream": {
         "description": "with stream=true: `data: {\"text\": ...}` per chunk, then "
@@ -45,11 +54,25 @@ async def generate(body: GenerateRequest, svc: Svc, request: Request,
                    accept: Annotated[str | None, Header()] = None) -> Response:
     stream = wants_stream(body, accept)
     job = svc.prepare(body, stream, scope=tenant(request))
-    events = await svc.open(job, idle_s=svc.settings.keepalive_s)  # 429 / 503 here
+    runs = await svc.open_all([job], idle_s=svc.settings.keepalive_s)  # 429 / 503 here
+    several = job.request.n > 1
     if not stream:
-        summary = svc.summary(await json_reply(request, svc, job, events))
-        return JSONResponse(summary.model_dump(mode="json", exclude_none=True))
-    return sse_response(svc, job, events, NativeFormat())
+        (choices,) = await json_reply(request, svc, runs)
+        summaries = [svc.summary(r) for r in choices.returned()]
+        return JSONResponse(native_body(summaries, several))
+    return sse_response(svc, runs, NativeFormat(several))
+
+
+@protected.post(
+    "/score", response_model=ScoreResponse, tags=["generation"],
+    summary="Score a text: each character's log-probability, bits per character, perplexity",
+)
+async def score(body: ScoreRequest, svc: Svc, request: Request) -> JSONResponse:
+    job = svc.prepare_score(body, scope=tenant(request))
+    runs = await svc.open_all([job])  # 429 / 503 here
+    (choices,) = await json_reply(request, svc, runs)
+    return JSONResponse(svc.score_summary(job, choices).model_dump(mode="json",
+                                                                   exclude_none=True))
 
 
 @protected.get("/models", response_model=ModelList, tags=["models"])

@@ -59,6 +59,12 @@ class NotSupportedError(ServiceError):
     status, type = 501, "not_supported"
 
 
+class NoChatTemplateError(ServiceError):
+    """A chat route on a service of plain-text character models."""
+
+    status, type = 404, "no_chat_template"
+
+
 class PayloadTooLargeError(ServiceError):
     status, type = 413, "payload_too_large"
 
@@ -97,6 +103,9 @@ def _describe_validation(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx") or {}
             parts.append(f"request body is not valid JSON: {ctx.get('error', msg)}")
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {field!r}: this route does not take it (the README's "
+                         "table of fields lists what each route does)")
         elif err.get("type") == "model_attributes_type":
             parts.append("request body must be a JSON object")
         elif msg.startswith(field):

@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = svc
     install_handlers(app)
-    routers = [api.protected, openai_api.router, admin.router, api.open_routes]
+    routers = [api.protected, openai_api.router, openai_api.tokenizer_router, admin.router,
+               api.open_routes]
     for router in routers:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=api.STATIC_DIR), name="static")

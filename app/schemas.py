@@ -74,6 +74,14 @@ Seed = Annotated[int | None, number_in(0, 2**63 - 1, want="in [0, 2^63)")]
 Stops = Annotated[list[str] | str | None, AfterValidator(check_stops)]
 # The engine holds top_k in int64; any k >= the vocabulary size already keeps every id.
 TopK = Annotated[int, number_in(0, MAX_TOP_K, note=" (0 switches it off)")]
+MinTokens = Annotated[int, number_in(0, 2**62 - 1)]
+# Choices per request; the server's CHARLSTM_MAX_N (and its rows) bound it further.
+MAX_CHOICES = 4096
+ChoiceCount = Annotated[int, number_in(1, MAX_CHOICES)]
+BestOf = Annotated[int | None, number_in(1, MAX_CHOICES)]
+# Taken at their neutral values only (app/support.py says why); typed loosely so that the
+# refusal names the field and the reason rather than a type.
+AnyNumber = Annotated[float | None, number_in(-1e300, 1e300)]
 # Finite and positive; a huge value is fine, the server's limit caps it.
 TimeLimit = Annotated[float | None, number_in(0, sys.float_info.max, lo_open=True,
                                               want="a positive number of seconds")]
@@ -160,6 +168,17 @@ class GenerateRequest(BaseModel):
     logit_bias: dict[str, Bias] | None = Field(
         None, max_length=4096, description="character -> additive bias in [-100, 100] on its "
         "logit before sampling; -100 bans it")
+    min_tokens: MinTokens = Field(0, description="stop strings cannot end the text before "
+                                  "this many characters")
+    n: ChoiceCount = Field(1, description="choices sampled from one prefill, up to the server's "
+                       "CHARLSTM_MAX_N; n > 1 replies with `choices`")
+    best_of: BestOf = Field(None, description="sample this many choices and return the n with "
+                            "the highest mean log-probability per character; not with stream")
+    # Accepted at their neutral values only (see app/support.py and the README's table).
+    min_p: AnyNumber = Field(None, description="only 0 (see the README's table of fields)")
+    repetition_penalty: AnyNumber = Field(None, description="only 1")
+    presence_penalty: AnyNumber = Field(None, description="only 0")
+    frequency_penalty: AnyNumber = Field(None, description="only 0")
 
 
 class Usage(BaseModel):
@@ -202,6 +221,57 @@ class GenerateResponse(BaseModel):
     details: list[CharDetail] | None = None
     continuation: str | None = Field(None, description="with resumable: pass it back as "
                                      "`continuation` to go on from here")
+    index: int | None = Field(None, description="which choice (with n > 1 or best_of)")
+    logprob_mean: float | None = Field(None, description="with best_of: the mean "
+                                       "log-probability per character (nats) it was ranked by")
+
+
+class GenerateChoices(BaseModel):
+    """/generate with n > 1 or best_of: one reply per choice, best first with best_of."""
+
+    model: str
+    choices: list[GenerateResponse]
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{
+        "model": "shakespeare", "text": "To be, or not to be", "context": "HAMLET:\n",
+        "top": 3}]})
+
+    model: str | None = Field(None, description="model name; default from settings")
+    text: str = Field(..., min_length=1, max_length=100_000,
+                      description="the text to score, every character of it")
+    context: str = Field(
+        "", max_length=100_000, description="text before `text` that conditions it and is not "
+        "scored. Empty: the model starts from a newline, as /generate with an empty seed")
+    top: Annotated[int, number_in(0, 5)] = Field(
+        0, description="alternatives per character, 0 to 5, with their log-probabilities")
+
+
+class ScoredAlternative(BaseModel):
+    char: str
+    logprob: float
+
+
+class CharScore(BaseModel):
+    char: str
+    logprob: float = Field(description="log p(char | everything before it), nats")
+    top: list[ScoredAlternative] | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    text: str = Field(description="the text as the model saw it (lowercased for lowercase "
+                      "models, normalised as the model's corpus was)")
+    context: str
+    chars: int = Field(description="characters scored: every character of `text`")
+    total_logprob: float = Field(description="sum of the characters' log-probabilities, nats")
+    mean_nats: float = Field(description="mean negative log-probability per character")
+    bits_per_char: float = Field(description="mean_nats / ln 2: the figure the training "
+                                 "report gives for its validation split")
+    perplexity: float = Field(description="exp(mean_nats), per character")
+    logprobs: list[CharScore]
+    timings: Timings
 
 
 class StateInfo(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncGenerator
@@ -40,6 +41,10 @@ from app.engine.messages import (
     Finished,
     GenerationRequest,
     Sampling,
+    Scored,
+    Scoring,
+    TopLogprobs,
+    choice_seed,
 )
 from app.errors import (
     InvalidRequestError,
@@ -54,11 +59,15 @@ from app.schemas import (
     NATIVE_NAMES,
     Alternative,
     CharDetail,
+    CharScore,
     FieldNames,
     GenerateRequest,
     GenerateResponse,
     ModelDetail,
     ModelInfo,
+    ScoredAlternative,
+    ScoreRequest,
+    ScoreResponse,
     StateInfo,
     StructuredOutputs,
     Timings,
@@ -66,11 +75,13 @@ from app.schemas import (
     shown,
 )
 from app.settings import Settings
+from app.support import NEUTRAL_FIELDS, check_neutral
 from app.vocab import Vocabulary, normalize
 
 log = logging.getLogger(__name__)
 
 EMPTY_SEED_PRIMER = "\n"
+NEUTRAL_NAMES = {f.name for f in NEUTRAL_FIELDS if not f.v1_only}
 # A new version's engine is warm before the manifest names it: its first heartbeat is due
 # within a tenth of a second.
 NEW_ENGINE_TIMEOUT_S = 10.0
@@ -115,16 +126,60 @@ class Job:
     seed_text: str  # as the model sees it
     lowercased: bool
     constraint: PendingConstraint | None = None
+    n: int = 1  # choices returned: request.n, or fewer with best_of (the best of request.n)
+    details: bool = False  # the caller asked for details (best_of asks the engine anyway)
+    # Where the caller's own text starts in the seed ids: the primer of an empty seed, or a
+    # /score context, comes before it.
+    text_start: int = 0
+
+
+class Choices:
+    """The replies of one job, one per choice sampled, filled from its events in order."""
+
+    def __init__(self, job: Job, base: int = 0) -> None:
+        self.job = job
+        self.base = base
+        self.replies = [Reply(job, i) for i in range(job.request.n)]
+        for r in self.replies:
+            r.slot = base + r.index
+        self.scored: Scored | None = None
+
+    def add(self, event: Event | None) -> tuple[Reply, list[int], list[Detail] | None] | None:
+        """Take one event; (the choice, its new ids, details) when it brought characters."""
+        if isinstance(event, Scored):
+            self.scored = event
+            for r in self.replies:
+                r.scored = event
+            return None
+        if isinstance(event, Chars | Finished):
+            reply = self.replies[event.index]
+            new = reply.add(event)
+            return (reply, *new) if new is not None else None
+        return None
+
+    def returned(self) -> list[Reply]:
+        """The choices the caller gets: all, or with best_of the n with the highest mean
+        log-probability, best first (renumbered 0..n-1)."""
+        if self.job.n == len(self.replies):
+            return self.replies
+        best = sorted(self.replies, key=lambda r: -r.logprob_mean)[:self.job.n]
+        for rank, r in enumerate(best):
+            r.slot = self.base + rank
+        return best
 
 
 class Reply:
-    """What a request's events add up to: the ids and details so far, and how it finished."""
+    """What one choice's events add up to: the ids and details so far, and how it finished;
+    the request's scores when it asked for them."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, index: int = 0) -> None:
         self.job = job
+        self.index = index  # the choice within its job
+        self.slot = index  # the choice within the HTTP reply (prompt lists: job * n + index)
         self.ids: list[int] = []
         self.details: list[Detail] = []
         self.finished: Finished | None = None
+        self.scored: Scored | None = None
 
     def add(self, event: Event | None) -> tuple[list[int], list[Detail] | None] | None:
         """Take one event; the new (ids, details) when it brought characters."""
@@ -135,7 +190,16 @@ class Reply:
             return event.ids, event.details
         if isinstance(event, Finished):
             self.finished = event
+        elif isinstance(event, Scored):
+            self.scored = event
         return None
+
+    @property
+    def logprob_mean(self) -> float:
+        """Mean log-probability per generated character under the model (best_of's rank)."""
+        if not self.details:
+            return -math.inf
+        return sum(math.log(max(d[0], 1e-45)) for d in self.details) / len(self.details)
 
     def char_details(self, ids: list[int], details: list[Detail]) -> list[CharDetail]:
         chars = self.job.served.model.vocab.chars
@@ -153,6 +217,22 @@ def constraint_spec(so: StructuredOutputs) -> ConstraintSpec:
     if so.json_ is not None:
         return ConstraintSpec.of("json", so.json_)
     return ConstraintSpec.of("json_object", None)
+
+
+def _positions(found: list[int], most: int = 5) -> str:
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return ", ".join(map(str, found[:most])) + more
+
+
+def unknown_at(text: str, unknown: list[str]) -> str:
+    """'{' at 3, 17; '1' at 5: characters and their positions (0-based) in `text`."""
+    at: dict[str, list[int]] = {c: [] for c in unknown}
+    for pos, c in enumerate(text):
+        if c in at:
+            at[c].append(pos)
+    parts = [f"{c!r} at {_positions(p)}" if p else repr(c) for c, p in list(at.items())[:20]]
+    more = f"; and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+    return "; ".join(parts) + more
 
 
 def discover(models_dir: Path) -> list[Path]:
@@ -375,10 +455,51 @@ class ModelService:
         )
 
     # --- a request --------------------------------------------------------------------------
+    def model_text(self, served: Served, text: str, field: str) -> str:
+        """`text` as the model sees it (lowercased, normalised as its corpus was), or a 422
+        naming the characters it lacks and where they are."""
+        vocab = served.model.vocab
+        lower = served.model.meta.lowercase
+        form = served.model.meta.normalization
+        seen = normalize(text.lower() if lower else text, form)
+        unknown = (vocab.unknown_lowercased(text) if lower and form is None
+                   else vocab.unknown(seen))
+        if unknown:
+            # Positions in what the caller sent; a character that only appears after
+            # normalisation is named without one.
+            where = text if any(c in text for c in unknown) else seen
+            raise InvalidRequestError(
+                f"{field} has characters not in the vocabulary of model "
+                f"{served.model.name!r}: {unknown_at(where, unknown)}")
+        return seen
+
+    @staticmethod
+    def text_from_ids(served: Served, ids: list[int], field: str) -> str:
+        """Token ids (a token is a character; the ids are the model's own) as text, or a 422
+        naming the ids outside the vocabulary and their positions."""
+        size = len(served.model.vocab)
+        bad: dict[int, list[int]] = {}
+        for pos, i in enumerate(ids):
+            if not 0 <= i < size:
+                bad.setdefault(i, []).append(pos)
+        if bad:
+            shown_ids = "; ".join(f"{i} at {_positions(p)}" for i, p in list(bad.items())[:20])
+            raise InvalidRequestError(
+                f"{field} has token ids outside the vocabulary of model {served.model.name!r} "
+                f"(ids 0 to {size - 1}, one per character; GET /tokenizer_info lists them): "
+                f"{shown_ids}")
+        return served.model.vocab.decode(ids)
+
     def prepare(self, body: GenerateRequest, stream: bool = False,
-                names: FieldNames = NATIVE_NAMES, scope: bytes = b"") -> Job:
+                names: FieldNames = NATIVE_NAMES, scope: bytes = b"",
+                prompt_ids: list[int] | None = None, score_top: int | None = None,
+                min_new: int = 1) -> Job:
         """Check the request against this server's limits and the model's vocabulary, and
-        build its GenerationRequest; messages name the fields as the caller does (`names`)."""
+        build its GenerationRequest; messages name the fields as the caller does (`names`).
+        `prompt_ids`: the seed as the model's own ids (used as they are). `score_top`: score
+        the seed in prefill (echo), with that many alternatives per character. `min_new`: 0
+        lets a request generate nothing (/v1's max_tokens 0)."""
+        check_neutral(body.model_dump(include=NEUTRAL_NAMES))
         if body.continuation is not None:
             if body.structured_outputs is not None:
                 raise InvalidRequestError(
@@ -388,32 +509,31 @@ class ModelService:
         served = self.get(body.model)
         s = self.settings
         vocab = served.model.vocab
-        lower = served.model.meta.lowercase
-        form = served.model.meta.normalization
-        seed_text = normalize(body.seed_text.lower() if lower else body.seed_text, form)
+        if prompt_ids is not None:
+            seed_text = self.text_from_ids(served, prompt_ids, names.seed_text)
+        else:
+            seed_text = self.model_text(served, body.seed_text, names.seed_text)
         if len(seed_text) > s.max_seed_chars:
             raise InvalidRequestError(
                 f"{names.seed_text} must have at most {s.max_seed_chars} characters, "
                 f"got {len(seed_text)}")
-        unknown = (vocab.unknown_lowercased(body.seed_text) if lower and form is None
-                   else vocab.unknown(seed_text))
-        if unknown:
-            chars = ", ".join(repr(c) for c in unknown[:20])
-            raise InvalidRequestError(
-                f"{names.seed_text} has characters not in the vocabulary of model "
-                f"{served.model.name!r}: {chars}")
-        primer = seed_text or (EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in vocab.chars
-                               else vocab.chars[0])
+        primer = seed_text or self.primer(served)
+        n, rows = self._choices(body, stream)
         bias, banned = self._logit_bias(body, served, names)
         request = GenerationRequest(
-            seed_ids=vocab.encode(primer).tolist(), max_new=self._max_new(body, names),
+            seed_ids=vocab.encode(primer).tolist(),
+            max_new=self._max_new(body, names, low=min_new),
             sampling=sampling_from(body, body.seed if body.seed is not None
                                    else secrets.randbits(63), logit_bias=bias),
             stop=self._stops(body, served), time_limit_s=self._time_limit(body),
-            details=body.details, stream=stream, resumable=self._check_resumable(body, served),
-            cache_scope=scope)
-        return Job(served, request, seed_text, lower and body.seed_text.lower() != body.seed_text,
-                   self._constraint(body, banned, names))
+            details=body.details or rows > n, stream=stream,
+            resumable=self._check_resumable(body, served), cache_scope=scope,
+            score=Scoring(start=1, top=score_top) if score_top is not None else None, n=rows)
+        lowered = (prompt_ids is None and served.model.meta.lowercase
+                   and body.seed_text.lower() != body.seed_text)
+        return Job(served, request, seed_text, lowered, n=n, details=body.details,
+                   text_start=0 if seed_text else len(primer),
+                   constraint=self._constraint(body, banned, names))
 
     @staticmethod
     def _logit_bias(body: GenerateRequest, served: Served, names: FieldNames
@@ -480,13 +600,81 @@ class ModelService:
                 f"({job.request.max_new})")
         job.request.constraint = compiled.constraint
 
-    def _max_new(self, body: GenerateRequest, names: FieldNames) -> int:
+    @staticmethod
+    def primer(served: Served) -> str:
+        """What an empty seed starts from: a newline (the start of a passage), or the first
+        character of a vocabulary without one. Context, never scored nor echoed."""
+        chars = served.model.vocab.chars
+        return EMPTY_SEED_PRIMER if EMPTY_SEED_PRIMER in chars else chars[0]
+
+    def _choices(self, body: GenerateRequest, stream: bool) -> tuple[int, int]:
+        """(choices returned, rows sampled): n, and best_of when it asks for more."""
+        s = self.settings
+        bound = min(s.max_n, s.max_batch)
+        n, best_of = body.n, body.best_of
+        rows = n if best_of is None else best_of
+        for name, v in (("n", n), ("best_of", rows)):
+            if v > bound:
+                raise InvalidRequestError(
+                    f"{name} must be at most {bound} on this server (CHARLSTM_MAX_N, and "
+                    f"CHARLSTM_MAX_BATCH rows), got {shown(v)}")
+        if rows < n:
+            raise InvalidRequestError(f"best_of must be at least n ({n}), got {rows}")
+        if rows > n and stream:
+            raise InvalidRequestError(
+                "best_of cannot be streamed: the best choices are known only when all have "
+                "finished; send stream false, or best_of equal to n")
+        return n, rows
+
+    def _max_new(self, body: GenerateRequest, names: FieldNames, low: int = 1) -> int:
         s = self.settings
         max_new = body.max_new_chars if body.max_new_chars is not None else s.default_new_chars
-        if not 1 <= max_new <= s.max_new_chars:
+        if not low <= max_new <= s.max_new_chars:
             raise InvalidRequestError(
-                f"{names.max_new_chars} must be in [1, {s.max_new_chars}], got {shown(max_new)}")
+                f"{names.max_new_chars} must be in [{low}, {s.max_new_chars}], got "
+                f"{shown(max_new)}")
         return max_new
+
+    def prepare_score(self, body: ScoreRequest, scope: bytes = b"") -> Job:
+        """/score: the text after its context (or the primer) as a seed scored in prefill
+        from its first character on, and nothing generated."""
+        served = self.get(body.model)
+        text = self.model_text(served, body.text, "text")
+        context = self.model_text(served, body.context, "context")
+        prefix = context or self.primer(served)
+        if len(prefix) + len(text) > self.settings.max_seed_chars:
+            raise InvalidRequestError(
+                f"context and text must have at most {self.settings.max_seed_chars} "
+                f"characters together, got {len(prefix) + len(text)}")
+        vocab = served.model.vocab
+        request = GenerationRequest(
+            seed_ids=vocab.encode(prefix + text).tolist(), max_new=0,
+            time_limit_s=self.settings.time_limit_s, cache_scope=scope,
+            score=Scoring(start=len(prefix), top=body.top))
+        return Job(served, request, context + text, False, text_start=len(prefix))
+
+    def score_summary(self, job: Job, choices: Choices) -> ScoreResponse:
+        reply = choices.replies[0]
+        f = reply.finished
+        if f is None or f.error is not None or choices.scored is None:
+            raise UnavailableError(f"could not score the text: "
+                                   f"{f.error if f is not None else 'cancelled'}")
+        chars = job.served.model.vocab.chars
+        scored = choices.scored
+        text = job.seed_text[len(job.seed_text) - len(scored.logprobs):]
+        tops: list[TopLogprobs | None] = (list(scored.top) if scored.top is not None
+                                          else [None] * len(text))
+        total = math.fsum(scored.logprobs)
+        mean = -total / len(text)
+        return ScoreResponse(
+            model=job.served.model.name, text=text,
+            context=job.seed_text[:len(job.seed_text) - len(text)], chars=len(text),
+            total_logprob=total, mean_nats=mean, bits_per_char=mean / math.log(2),
+            perplexity=math.exp(mean),
+            logprobs=[CharScore(char=c, logprob=lp, top=None if top is None else [
+                ScoredAlternative(char=chars[t], logprob=v) for t, v in top])
+                for c, lp, top in zip(text, scored.logprobs, tops, strict=True)],
+            timings=Timings(**f.timings()))
 
     @staticmethod
     def _stops(body: GenerateRequest, served: Served) -> list[list[int]]:
@@ -562,6 +750,21 @@ class ModelService:
             raise
         return events
 
+    async def open_all(self, jobs: list[Job], idle_s: float | None = None
+                       ) -> list[tuple[Job, AsyncGenerator[Event | None, None]]]:
+        """Every job's events once all are admitted, in order, so each admission sees the
+        rows of the jobs before it; when one is refused, those admitted are cancelled and
+        the refusal is the reply (a reply is all its choices or none)."""
+        opened: list[tuple[Job, AsyncGenerator[Event | None, None]]] = []
+        try:
+            for job in jobs:
+                opened.append((job, await self.open(job, idle_s)))
+        except BaseException:
+            for _, events in opened:
+                await events.aclose()
+            raise
+        return opened
+
     async def generate(self, job: Job, idle_s: float | None = None
                        ) -> AsyncGenerator[Event | None, None]:
         """Admitted, then Chars as they come (None after idle_s without any), then Finished.
@@ -594,16 +797,16 @@ class ModelService:
         observer.on_rejected("unavailable")
         return UnavailableError(exc.message)
 
-    async def collect(self, job: Job, events: AsyncGenerator[Event | None, None]) -> Reply:
+    async def collect(self, job: Job, events: AsyncGenerator[Event | None, None]) -> Choices:
         """Read the events to the end (a cancelled await cancels the request)."""
-        reply = Reply(job)
+        choices = Choices(job)
         async with contextlib.aclosing(events):
             async for event in events:
-                reply.add(event)
-        return reply
+                choices.add(event)
+        return choices
 
     def summary(self, reply: Reply) -> GenerateResponse:
-        """The JSON reply, also the SSE `done` event's data."""
+        """The JSON reply (of one choice), also the SSE `done` event's data."""
         job = reply.job
         vocab = job.served.model.vocab
         text = vocab.decode(reply.ids)
@@ -620,10 +823,12 @@ class ModelService:
         return GenerateResponse(
             continuation=continuation, model=job.served.model.name, text=text,
             finish_reason=f.reason,
-            seed=job.request.sampling.seed, seed_text=job.seed_text,
+            seed=choice_seed(job.request.sampling.seed, reply.index), seed_text=job.seed_text,
             lowercased=job.lowercased,
             usage=Usage(seed_chars=len(job.seed_text), generated_chars=len(text)),
             timings=Timings(**f.timings()), error=f.error,
-            details=(reply.char_details(reply.ids, reply.details) if job.request.details
+            details=(reply.char_details(reply.ids, reply.details) if job.details
                      else None),
+            index=reply.slot,
+            logprob_mean=reply.logprob_mean if job.request.n > job.n else None,
         )

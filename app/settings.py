@@ -58,6 +58,8 @@ class Settings(BaseSettings):
         "the model's decode graph with this K (model.json decode_graphs, built from the graph "
         "served; CPU provider); 0, or no such graph listed: one character per call, sampled "
         "on the host")
+    max_n: int = Field(16, ge=1, le=4096, description="most choices (n, best_of) one request "
+                       "may ask for; each takes a batch row (at most CHARLSTM_MAX_BATCH)")
     max_new_chars: int = Field(5000, ge=1, le=10_000_000,
                                description="upper bound for max_new_chars")
     default_new_chars: int = Field(200, ge=1, description="max_new_chars when omitted")

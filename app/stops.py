@@ -14,7 +14,11 @@ T = TypeVar("T", bound=Hashable)
 
 
 class StopMatcher(Generic[T]):
-    def __init__(self, stops: Sequence[Sequence[T]]) -> None:
+    def __init__(self, stops: Sequence[Sequence[T]], min_tokens: int = 0) -> None:
+        """`min_tokens`: a stop sequence completing before that many tokens have been pushed
+        does not stop (vLLM's min_tokens; the held-back tokens are emitted as usual)."""
+        self.min_tokens = min_tokens
+        self.pushed = 0
         # Longest first, so when two stops end together the earlier-starting one wins.
         self.stops = sorted({tuple(s) for s in stops if len(s) > 0}, key=len, reverse=True)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
@@ -24,9 +28,10 @@ class StopMatcher(Generic[T]):
         """Add a token; return (tokens now safe to emit, whether a stop sequence completed)."""
         if not self.stops:
             return [token], False
+        self.pushed += 1
         pending = self.pending
         pending.append(token)
-        for stop in self.stops:
+        for stop in self.stops if self.pushed >= self.min_tokens else ():
             n = len(stop)
             if len(pending) >= n and tuple(pending[-n:]) == stop:
                 out = pending[:-n]

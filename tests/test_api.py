@@ -152,7 +152,7 @@ def test_full_queue_answers_429_with_retry_after_while_admitted_requests_complet
     ({"temperature": -1}, 422, "temperature must be in [0, 5], got -1"),
     ({"temperature": "hot"}, 422, "temperature"),
     ({"temperature": 9}, 422, "temperature must be in [0, 5], got 9"),
-    ({"seed_text": "caf\u00e9 \u20ac"}, 422, "'\u00e9', '\u20ac'"),
+    ({"seed_text": "caf\u00e9 \u20ac"}, 422, "'\u00e9' at 3; '\u20ac' at 5"),
     ({"model": "nope"}, 404, "model 'nope' not found; available: tiny"),
     ({"model": "../tiny"}, 404, "not found"),
     ({"max_new_chars": 10**9}, 422, "max_new_chars must be in [1, 5000], got 1000000000"),

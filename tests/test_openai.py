@@ -65,22 +65,22 @@ def test_errors_reach_the_client_typed(client: openai.OpenAI) -> None:
         client.completions.create(model="nope", prompt="A", max_tokens=5)
     with pytest.raises(openai.UnprocessableEntityError, match="temperature must be in"):
         client.completions.create(model="tiny", prompt="A", max_tokens=5, temperature=7)
-    with pytest.raises(openai.UnprocessableEntityError, match="n must be 1"):
-        client.completions.create(model="tiny", prompt="A", max_tokens=5, n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="n must be at most 16"):
+        client.completions.create(model="tiny", prompt="A", max_tokens=5, n=17)
 
 
 @pytest.mark.parametrize(("body", "message"), [
     # Issue 11, defect 10: these named the native fields (max_new_chars, seed_text).
-    ({"max_tokens": 5001}, "max_tokens must be in [1, 5000], got 5001"),
-    ({"max_tokens": 0}, "max_tokens must be in [1, 5000], got 0"),
-    ({"max_tokens": 2**64}, "max_tokens must be in [1, 5000], got 18446744073709551616"),
+    ({"max_tokens": 5001}, "max_tokens must be in [0, 5000], got 5001"),
+    ({"max_tokens": -1}, "max_tokens must be in [0, 5000], got -1"),
+    ({"max_tokens": 2**64}, "max_tokens must be in [0, 5000], got 18446744073709551616"),
     ({"prompt": "caf\u00e9"}, "prompt has characters not in the vocabulary of model 'tiny': "
-                              "'\u00e9'"),
+                              "'\u00e9' at 3"),
     ({"prompt": ["a" * 4001]}, "prompt must have at most 4000 characters, got 4001"),
     # ... and a non-boolean here was read as true.
     ({"stream_options": {"include_usage": "yes"}},
      "stream_options.include_usage: Input should be a valid boolean"),
-    ({"n": 2**64}, "n must be 1 (one completion per request), got 18446744073709551616"),
+    ({"n": 2**64}, "n must be in [1, 4096], got 18446744073709551616"),
     ({"logprobs": 2**63}, "logprobs must be in [0, 5], got 9223372036854775808"),
     ({"seed": 2**63}, "seed must be in [0, 2^63), got 9223372036854775808"),
     ({"temperature": 1e308}, "temperature must be in [0, 5], got 1e+308"),

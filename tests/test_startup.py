@@ -31,7 +31,7 @@ def test_service_starts_with_the_bundled_models(tmp_path: Path) -> None:
             assert r.status_code == 422
             assert r.json()["error"]["message"] == (
                 "seed_text has characters not in the vocabulary of model 'nietzsche': "
-                "'\u0130'")
+                "'\u0130' at 0")
     finally:
         stop_server(srv)
     assert "shakespeare on CPUExecutionProvider" in srv.log()

@@ -167,15 +167,16 @@ class AdmissionPolicy:
         self.prefill_s_per_char = statistics.median(self._prefill_rates)
 
     # --- predictions --------------------------------------------------------------------------
-    def predict_wait(self) -> float:
-        """Seconds until a request submitted now would get a row (0 when one is free).
+    def predict_wait(self, rows: int = 1) -> float:
+        """Seconds until a request submitted now would get its `rows` rows (0 when free).
 
         Simulates the FIFO queue over the rows' remaining work in iterations: every row frees
-        after its remaining characters, each waiting request then holds the first row to free
-        for its prefill slices and its characters. Pessimistic where stops end rows early."""
+        after its remaining characters, each waiting request then holds the first rows to free
+        (n for n choices) for its prefill slices and its characters. Pessimistic where stops
+        end rows early."""
         core = self.core
         free = core.max_batch - core.active
-        if free > len(core.waiting):
+        if free >= sum(s.rows for s in core.waiting) + rows:
             return 0.0
         per_iter = self.iteration_s or 0.001
         per_prefill = self.prefill_iteration_s or 0.001
@@ -189,16 +190,19 @@ class AdmissionPolicy:
                                 np.maximum(b.deadline - now, 0.0)).tolist()
         frees += [min(self.prefill_iterations(len(s.seed) - s.prefilled) * per_prefill
                       + self.calls(s.req.max_new) * per_iter, max(s.deadline - now, 0.0))
-                  for s in core.prefilling]
+                  for s in core.prefilling for _ in range(s.rows)]
         # Queued seeds ahead of the newcomer will slow every iteration while they prefill
         # (prefill already under way is in the measured iteration period).
         prefill_chars = 0
         heapq.heapify(frees)
         for s in core.waiting:
-            start = heapq.heappop(frees)
+            start = max(heapq.heappop(frees) for _ in range(s.rows))
             run = self.predict_run(s.req)
-            heapq.heappush(frees, start + min(run, max(s.deadline - now - start, 0.0)))
+            for _ in range(s.rows):
+                heapq.heappush(frees, start + min(run, max(s.deadline - now - start, 0.0)))
             prefill_chars += len(s.seed)
+        for _ in range(rows - 1):
+            heapq.heappop(frees)
         return frees[0] + prefill_chars * self.prefill_s_per_char
 
     def predict_run(self, req: GenerationRequest) -> float:
@@ -222,10 +226,10 @@ class AdmissionPolicy:
         # Queued beyond the free rows: a burst decided in one go is admitted into free rows
         # at the same iteration, so those do not count against the queue.
         if len(core.waiting) - max(core.max_batch - core.active, 0) >= self.max_queue:
-            wait = self.predict_wait()
+            wait = self.predict_wait(req.n)
             return Decision(wait, f"model {name!r} is at capacity ({len(core.waiting)} "
                                   f"requests waiting)", self._retry_after(wait))
-        wait = self.predict_wait()
+        wait = self.predict_wait(req.n)
         if wait > self.max_wait_s * self.REFUSE_PAST:
             if len(self._refusals) < 256:
                 # In the queue it would have stood behind everyone waiting and behind the

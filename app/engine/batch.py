@@ -10,7 +10,14 @@ import numpy as np
 import numpy.typing as npt
 
 from app import rng as rng_mod
-from app.engine.messages import MAX_BIAS, Constraint, Detail, Final, GenerationRequest
+from app.engine.messages import (
+    MAX_BIAS,
+    Constraint,
+    Detail,
+    Final,
+    GenerationRequest,
+    TopLogprobs,
+)
 from app.stops import StopMatcher
 
 
@@ -94,7 +101,7 @@ class Sequence:
         self.first_at: float | None = None
         self.finished_at: float | None = None
         self.prefill_s = 0.0
-        self.matcher: StopMatcher[int] = StopMatcher(req.stop)
+        self.matcher: StopMatcher[int] = StopMatcher(req.stop, req.sampling.min_tokens)
         # Prefill progress: seed ids consumed so far and the state after them.
         self.prefilled = 0
         self.states: Any = None
@@ -105,6 +112,17 @@ class Sequence:
         # additive bias, set when the row joins the batch (the vocabulary size is known then).
         self.dfa: RowConstraint | None = None
         self.bias: npt.NDArray[np.float32] | None = None
+        self.finish_sent = False
+        # Scoring (req.score): log p of seed positions start.. as prefill reaches them.
+        self.score_lp: list[float] = []
+        self.score_top: list[TopLogprobs] = []
+        self.scored_sent = False
+        # n > 1: this sequence prefills, then hands its state to n choices (`children`),
+        # each a Sequence of its own with `index` and this one as `parent`.
+        self.index = 0
+        self.parent: Sequence | None = None
+        self.children: list[Sequence] = []
+
 
     def shape_with(self, vocab: int, tables: Callable[[Constraint], DfaTables]) -> None:
         """Set the row's constraint (its arrays from `tables`, shared by equal constraints)
@@ -119,6 +137,25 @@ class Sequence:
             raise ValueError(f"logit_bias id out of range for a vocabulary of {vocab}")
         if pairs:
             self.bias = bias_vector(pairs, vocab)
+
+    @property
+    def rows(self) -> int:
+        """Batch rows this request takes once decoding."""
+        return self.req.n
+
+    def cancel(self, error: str | None = None) -> None:
+        """Flag this sequence and its choices for cancellation (an abort when `error`)."""
+        for s in (self, *self.children):
+            s.cancelled = True
+            if error is not None:
+                s.abort_error = error
+
+    @property
+    def family_done(self) -> bool:
+        """The request is over: it finished before fanning out, or every choice has."""
+        if self.children:
+            return all(c.done for c in self.children)
+        return self.done
 
     @property
     def done(self) -> bool:

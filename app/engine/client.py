@@ -95,6 +95,7 @@ class _Stream:
         self.decided = False
         self.started: Started | None = None
         self.delivered = 0  # ids delivered so far
+        self.finished: set[int] = set()  # choices that have finished
         self.prefill_s = 0.0
 
     def put(self, event: Event) -> None:
@@ -104,6 +105,8 @@ class _Stream:
             self.delivered += len(event.ids)
             if event.started is not None:
                 self.started = event.started
+        elif isinstance(event, Finished):
+            self.finished.add(event.index)
         self.events.append(event)
         self.wake.set()
 
@@ -217,8 +220,10 @@ class EngineClient:
     async def generate(self, req: GenerationRequest, idle_s: float | None = None
                        ) -> AsyncGenerator[Event | None, None]:
         """Submit `req`; yield `Admitted` (or raise RefusedError / EngineUnavailableError),
-        then its `Chars` and its `Finished` last, merging what arrived meanwhile into one
-        `Chars`; None after `idle_s` seconds without news. Leaving early cancels it."""
+        then its `Scored` (with `score`), its `Chars` and its `Finished` last (one per choice
+        with n > 1, `Chars` and `Finished` carrying the choice's index), merging what arrived
+        meanwhile into one `Chars` per choice; None after `idle_s` seconds without news.
+        Leaving early cancels it."""
         if not self.accepting:
             raise EngineUnavailableError(
                 f"model {self.name!r} is not accepting requests" if self._alive else
@@ -230,21 +235,21 @@ class EngineClient:
         except (OverflowError, TypeError, ValueError) as exc:  # a number msgpack cannot hold
             raise RefusedError("invalid", f"invalid generation parameters: {exc}", 0) from None
         stream = self._streams[req.rid] = _Stream(req)
-        finished = False
+        finishes = 0
         try:
             self._send_bytes(payload)
             yield await self._admission(stream)
-            while not finished:
+            while finishes < req.n:
                 events = await stream.take(idle_s)
                 if not events:
                     yield None
                     continue
                 for event in merge_chars(events):
-                    finished = isinstance(event, Finished)
+                    finishes += isinstance(event, Finished)
                     yield event
         finally:
             self._streams.pop(req.rid, None)
-            if not finished:
+            if finishes < req.n:
                 self._send(Cancel(req.rid))
 
     async def _admission(self, stream: _Stream) -> Admitted:
@@ -373,9 +378,10 @@ class EngineClient:
                 s.put(Refused(s.req.rid, "unavailable", error))
                 continue
             started = s.started
-            s.put(Finished(s.req.rid, reason, error if reason == "error" else None,
-                           s.delivered, s.req.submitted_at, started, now,
-                           started.prefill_s if started else 0.0))
+            for index in sorted(set(range(s.req.n)) - s.finished):
+                s.put(Finished(s.req.rid, reason, error if reason == "error" else None,
+                               s.delivered, s.req.submitted_at, started, now,
+                               started.prefill_s if started else 0.0, index=index))
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109
@@ -387,15 +393,16 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109
 
 
 def merge_chars(events: list[Event]) -> list[Event]:
-    """Consecutive `Chars` of one request as one (a reader that fell behind gets them in one
-    piece, not one per engine flush)."""
+    """Consecutive `Chars` of one request's choice as one (a reader that fell behind gets
+    them in one piece, not one per engine flush)."""
     out: list[Event] = []
     for e in events:
         last = out[-1] if out else None
-        if isinstance(e, Chars) and isinstance(last, Chars):
+        if isinstance(e, Chars) and isinstance(last, Chars) and e.index == last.index:
             details = (None if last.details is None or e.details is None
                        else [*last.details, *e.details])
-            out[-1] = Chars(e.rid, [*last.ids, *e.ids], details, last.started or e.started)
+            out[-1] = Chars(e.rid, [*last.ids, *e.ids], details, last.started or e.started,
+                            e.index)
         else:
             out.append(e)
     return out

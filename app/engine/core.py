@@ -7,7 +7,10 @@ work. An iteration reads like the work:
              batch at once); admission by predicted wait happened before (app/engine/admission.py)
     prefill  seeds run through the graph in slices of at most `prefill_chunk_chars` characters
              per iteration, shared by every sequence in prefill, so a long seed never stalls the
-             running rows for longer than one slice
+             running rows for longer than one slice; a scoring request's seed is scored from
+             the slices' logits on the way (app/engine/scoring.py)
+    join     a prefilled seed joins the batch: as one row, or as n rows sharing its state
+             (n choices), or not at all when it asked for no characters (max_new 0)
     decode   every row gains one id (host sampling, app/sampling.py) or K ids (a decode graph
              samples them inside onnxruntime, app/decode.py)
     emit     the new ids pass the rows' stop matchers; rows that end (length, stop, time limit)
@@ -25,6 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -40,7 +44,9 @@ from app.engine.messages import (
     Detail,
     Final,
     GenerationRequest,
+    choice_seed,
 )
+from app.engine.scoring import score_positions
 from app.sampling import sample_next, softmax
 
 log = logging.getLogger(__name__)
@@ -94,8 +100,8 @@ class EngineCore:
     # --- queries --------------------------------------------------------------------------
     @property
     def active(self) -> int:
-        """Rows held: decoding or in prefill."""
-        return len(self.batch) + len(self.prefilling)
+        """Rows held: decoding, or in prefill (a request with n choices holds n)."""
+        return len(self.batch) + sum(s.rows for s in self.prefilling)
 
     @property
     def has_work(self) -> bool:
@@ -108,13 +114,20 @@ class EngineCore:
         return f"{step} + {self.decode.files}" if self.decode else step
 
     def admission(self, req: GenerationRequest) -> Decision:
+        self._check_rows(req)
         return self.policy.decide(req)
+
+    def _check_rows(self, req: GenerationRequest) -> None:
+        if req.n > self.max_batch:
+            raise ValueError(f"n = {req.n} choices need more rows than this engine has "
+                             f"({self.max_batch})")
 
     # --- submission -----------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; parameters that do not fit fail it at once (it never queues)."""
         try:
             seq.req.check()
+            self._check_rows(seq.req)
             if seq.req.initial_states is not None:
                 seq.states = self.model.states_from_host(states_from_bytes(
                     seq.req.initial_states))
@@ -201,7 +214,9 @@ class EngineCore:
     def _admit(self) -> None:
         now = time.perf_counter()
         whole_hits: list[tuple[Sequence, Any, npt.NDArray[np.float32]]] = []
-        while self.waiting and self.active + len(whole_hits) < self.max_batch:
+        whole_rows = 0
+        while self.waiting and (self.active + whole_rows + self.waiting[0].rows
+                                <= self.max_batch):
             s = self.waiting.popleft()
             self.policy.on_admitted(now)
             s.admitted_at = now
@@ -213,6 +228,7 @@ class EngineCore:
                 self.prefilling.append(s)
             elif self.cache is not None and (hit := self._from_cache(s)) is not None:
                 whole_hits.append((s, s.states, hit))
+                whole_rows += s.rows
                 s.states = None
             else:
                 self.prefilling.append(s)
@@ -228,36 +244,87 @@ class EngineCore:
         whole seed (its state is then in s.states)."""
         assert self.cache is not None
         s.digests = prefix_digests(s.seed, self.prefill_chunk_chars, s.req.cache_scope)
-        length, entry = self.cache.lookup(s.digests)
+        score = s.req.score
+        # A cached prefix has no logits for its positions but the one after it: a scoring
+        # request takes one only up to its first scored position (it still stores its own).
+        usable = (s.digests if score is None else
+                  {n: d for n, d in s.digests.items() if n <= score.start})
+        length, entry = self.cache.lookup(usable)
         if self.observer:
             self.observer.on_cache(entry is not None, length, self.cache.bytes,
                                    len(self.cache.entries))
         if entry is None:
             return None
         s.states, s.prefilled = entry.states, length
+        if score is not None and length == score.start < len(s.seed):
+            self._score(s, entry.logits[None, :], length)
         return entry.logits if length == len(s.seed) else None
 
     def _join(self, seqs: list[Sequence], logits: npt.NDArray[np.float32], states: Any) -> None:
-        bad = []
+        """Prefilled seeds become batch rows: one each, n for a request with n choices (its
+        state and logits copied), none for one that asked for no characters. A row whose
+        constraint or bias does not fit the model fails alone."""
+        rows: list[int] = []
+        joining: list[Sequence] = []
         for j, s in enumerate(seqs):
-            try:
-                s.shape_with(logits.shape[-1], self._tables)
-            except ValueError as exc:
-                bad.append(j)
-                self._finish(s, "error", f"invalid generation parameters: {exc}")
-        if bad:
-            keep = np.array([j for j in range(len(seqs)) if j not in bad], np.intp)
-            if not len(keep):
-                return
-            seqs, logits = [seqs[j] for j in keep], logits[keep]
-            states = self.model.select(states, keep)
+            if s.scored_sent is False and s.req.score is not None:
+                self.touched.append(s)  # its scores go out now
+            if s.req.max_new == 0:
+                self._finish(s, "length")
+                continue
+            if s.req.n == 1:
+                candidates = [s]
+            else:
+                s.children = candidates = [self._choice(s, i) for i in range(s.req.n)]
+            for c in candidates:
+                try:
+                    c.shape_with(logits.shape[-1], self._tables)
+                except ValueError as exc:
+                    self._finish(c, "error", f"invalid generation parameters: {exc}")
+                    continue
+                rows.append(j)
+                joining.append(c)
+        if not joining:
+            return
+        take = np.array(rows, np.intp)
+        same = len(rows) == len(seqs) and rows == list(range(len(seqs)))
         try:
-            self.batch.append(seqs, logits, states)
+            self.batch.append(joining, logits if same else logits[take],
+                              states if same else self.model.select(states, take))
         except Exception as exc:
-            log.exception("could not add %d row(s) to the batch on %s", len(seqs),
+            log.exception("could not add %d row(s) to the batch on %s", len(joining),
                           self.model.name)
-            for s in seqs:
+            for s in joining:
                 self._finish(s, "error", f"could not start decoding ({type(exc).__name__})")
+
+    @staticmethod
+    def _choice(parent: Sequence, index: int) -> Sequence:
+        """Choice `index` of a request with n choices: its own row, stop matcher, counters
+        and random stream (seeded choice_seed(seed, index), so it reproduces alone)."""
+        req = parent.req
+        seeded = msgspec.structs.replace(req.sampling,
+                                         seed=choice_seed(req.sampling.seed, index))
+        child = Sequence(msgspec.structs.replace(req, sampling=seeded, n=1, score=None),
+                         parent.client)
+        child.index, child.parent = index, parent
+        child.submitted_at, child.admitted_at = parent.submitted_at, parent.admitted_at
+        child.prefill_s = parent.prefill_s
+        return child
+
+    def _score(self, s: Sequence, logits: npt.NDArray[np.float32], first: int) -> None:
+        """Score the seed positions that `logits` (T, V) predict: row r predicts seed
+        position first + r; positions before the request's start or past the seed end are
+        not the seed's to score."""
+        score = s.req.score
+        assert score is not None
+        lo = max(first, score.start)
+        hi = min(first + len(logits), len(s.seed))
+        if hi <= lo:
+            return
+        lp, top = score_positions(logits[lo - first:hi - first], s.seed[lo:hi], score.top)
+        s.score_lp += lp
+        if top is not None:
+            s.score_top += top
 
     # --- prefill ----------------------------------------------------------------------------
     def _prefill_slice(self) -> None:
@@ -302,6 +369,8 @@ class EngineCore:
             self.observer.on_prefill(len(group), int(ids.size), seconds)
         done: list[int] = []
         for j, s in enumerate(group):
+            if s.req.score is not None:
+                self._score(s, logits[j], s.prefilled + 1)
             s.prefilled += n
             s.prefill_s += seconds
             row = None

@@ -34,6 +34,7 @@ from app.engine.messages import (
     GenerationRequest,
     Outputs,
     Refused,
+    Scored,
     Started,
     Status,
     encoder,
@@ -147,14 +148,14 @@ class EngineLoop:
             elif isinstance(msg, Cancel):
                 seq = self.seqs.get((ident, msg.rid))
                 if seq is not None:
-                    seq.cancelled = True
+                    seq.cancel()
                     # Now, not after this batch of messages: a submission further on in it
                     # must find the row free.
                     self.core.cancel_flagged()
             elif isinstance(msg, Abort):
                 for (client, _), seq in self.seqs.items():
                     if client == ident:
-                        seq.cancelled, seq.abort_error = True, msg.error
+                        seq.cancel(msg.error)
                 self.cancel_seen = True
 
     def _submit(self, ident: bytes, req: GenerationRequest) -> None:
@@ -183,8 +184,9 @@ class EngineLoop:
             return
         self.core.touched = []
         for s in touched:
-            if s.req.stream or s.done:
-                self.news.setdefault(s.client, {})[s.req.rid] = s
+            root = s.parent or s  # a request with n choices is read as one, by its rid
+            if root.req.stream or s.done:
+                self.news.setdefault(s.client, {})[s.req.rid] = root
                 # A finish, and a stream's first characters, go out at the end of this
                 # iteration: time to first character does not wait for the pacing.
                 if s.done or s.sent == 0:
@@ -202,20 +204,43 @@ class EngineLoop:
         for ident, events in out.items():
             self._send(ident, encoder.encode(Outputs(events)))
 
-    def _events(self, s: Sequence) -> list[Event]:
+    def _events(self, root: Sequence) -> list[Event]:
+        """A request's news: its scores once its prefill is done, then each choice's
+        characters and finish (one choice unless it asked for n)."""
+        events: list[Event] = []
+        score = root.req.score
+        if (score is not None and not root.scored_sent
+                and root.prefilled >= len(root.seed)):
+            root.scored_sent = True
+            events.append(Scored(root.req.rid, score.start, root.score_lp,
+                                 root.score_top if score.top else None))
+        for s in root.children or [root]:
+            events += self._choice_events(s)
+        if root.family_done:
+            if not root.children and isinstance(events[-1] if events else None, Finished):
+                # It ended before fanning out (cancelled, failed, or scored only): every
+                # choice ends the same way.
+                last = events[-1]
+                events += [msgspec.structs.replace(last, index=i) for i in range(1, root.req.n)]
+            if self.seqs.pop((root.client, root.req.rid), None) is not None and root.req.stream:
+                self.streams -= 1
+        return events
+
+    @staticmethod
+    def _choice_events(s: Sequence) -> list[Event]:
         events: list[Event] = []
         n = len(s.ids)
         if n > s.sent:
             details = s.details[s.sent:n] if s.req.details else None
             events.append(Chars(s.req.rid, s.ids[s.sent:n], details,
-                                started(s) if s.sent == 0 else None))
+                                started(s) if s.sent == 0 else None, s.index))
             s.sent = n
-        if s.done:
+        if s.done and not s.finish_sent:
+            s.finish_sent = True
             events.append(Finished(
                 s.req.rid, s.finish_reason or "error", s.error, s.sampled, s.submitted_at,
-                started(s), s.finished_at or time.perf_counter(), s.prefill_s, s.final))
-            if self.seqs.pop((s.client, s.req.rid), None) is not None and s.req.stream:
-                self.streams -= 1
+                started(s), s.finished_at or time.perf_counter(), s.prefill_s, s.final,
+                s.index))
         return events
 
     def _send(self, ident: bytes, payload: bytes) -> None:
@@ -269,7 +294,7 @@ class EngineLoop:
         del self.clients[ident]
         gone = [seq for (client, _), seq in self.seqs.items() if client == ident]
         for seq in gone:
-            seq.cancelled = True
+            seq.cancel()
         if gone:
             log.warning("a client went silent; cancelling its %d request(s)", len(gone))
             self.cancel_seen = True

@@ -13,6 +13,7 @@ one message per character per request.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import msgspec
@@ -37,6 +38,9 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     # (id, bias) pairs added to the logits before sampling; -100 bans the id. Last, so handles
     # sealed before it existed still decode.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Stop strings cannot end the text before this many characters (the matcher's business:
+    # both decode paths emit through it, so nothing here for the samplers).
+    min_tokens: int = 0
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -50,6 +54,8 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
         for i, b in self.logit_bias:
             if i < 0 or not (math.isfinite(b) and -MAX_BIAS <= b <= MAX_BIAS):
                 raise ValueError(f"logit_bias out of range: {i}: {b}")
+        if not 0 <= self.min_tokens < 2**62:
+            raise ValueError(f"min_tokens out of range: {self.min_tokens}")
 
 
 SAMPLING_FIELDS: tuple[str, ...] = Sampling.__struct_fields__
@@ -72,12 +78,40 @@ class Constraint(msgspec.Struct, frozen=True, array_like=True):
         if (len(self.table), len(self.accepting), len(self.dist)) != (
                 4 * self.states * self.vocab, self.states, 4 * self.states):
             raise ValueError("constraint arrays do not match its shape")
+class Scoring(msgspec.Struct, frozen=True, array_like=True):
+    """Score the seed in its prefill: log p(seed[t] | seed[:t]) for every seed position
+    t >= `start` (>= 1: the first character has no context), with the `top` likeliest
+    alternatives at each. The step graph returns logits for every position of a prefill
+    slice, so this costs one float64 log-softmax per position and no extra graph call."""
+
+    start: int = 1
+    top: int = 0  # alternatives per position, 0 to TOP_ALTERNATIVES
+
+    def check(self, seed_len: int) -> None:
+        if not 1 <= self.start <= max(seed_len, 1):
+            raise ValueError(f"score start out of range: {self.start}")
+        if not 0 <= self.top <= TOP_ALTERNATIVES:
+            raise ValueError(f"score top out of range: {self.top}")
+
+
+MAX_N = 4096  # rows one request may fan out to (the engine's max_batch bounds it further)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The random seed of choice `index` of a request seeded `seed`: the seed itself for
+    choice 0, so a request with n = 1 is choice 0 of the same request with any n, and a
+    BLAKE2b mix of (seed, index) for the others. Each choice is then reproducible alone, as
+    a request with n = 1 and this seed."""
+    if index == 0:
+        return seed
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % MAX_SEED
 
 
 class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only=True):
     rid: int = 0  # set by the engine client: unique among its requests
     seed_ids: list[int]  # non-empty: the seed (or the one id a continuation feeds next)
-    max_new: int
+    max_new: int  # 0: finish right after prefill (reason "length"), e.g. to score the seed
     sampling: Sampling = Sampling()
     stop: list[list[int]] = msgspec.field(default_factory=list)
     time_limit_s: float = 60.0
@@ -96,12 +130,17 @@ class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only
     cache_scope: bytes = b""
     # Generated text must match this DFA (structured outputs); None: free text.
     constraint: Constraint | None = None
+    # Score the seed during prefill (a `Scored` event before any character).
+    score: Scoring | None = None
+    # Choices sampled from one prefill: the state after the seed is copied into n rows, row i
+    # seeded choice_seed(seed, i); their events carry `index`. Admission counts n rows.
+    n: int = 1
 
     def check(self) -> None:
         """Raise ValueError unless every field fits the engine's arrays."""
         if not self.seed_ids:
             raise ValueError("seed must have at least one id")
-        if not 1 <= self.max_new < 2**62:
+        if not 0 <= self.max_new < 2**62:
             raise ValueError(f"max_new out of range: {self.max_new}")
         if not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s out of range: {self.time_limit_s}")
@@ -109,6 +148,10 @@ class GenerationRequest(msgspec.Struct, tag="generate", array_like=True, kw_only
             raise ValueError(f"counter_start out of range: {self.counter_start}")
         if len(self.cache_scope) > 64:
             raise ValueError("cache_scope longer than 64 bytes")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n out of range: {self.n}")
+        if self.score is not None:
+            self.score.check(len(self.seed_ids))
         self.sampling.check()
         if self.constraint is not None:
             self.constraint.check()
@@ -172,6 +215,22 @@ class Chars(msgspec.Struct, tag="chars", array_like=True):
     ids: list[int]
     details: list[Detail] | None = None
     started: Started | None = None  # with the request's first characters
+    index: int = 0  # which choice (requests with n > 1)
+
+
+# Per scored position: [(id, log-probability)] of the likeliest ids, likeliest first.
+TopLogprobs = list[tuple[int, float]]
+
+
+class Scored(msgspec.Struct, tag="scored", array_like=True):
+    """The seed's scores (requests with `score`), once its prefill is done, before any
+    character: logprobs[i] = log p(seed[start + i] | seed[:start + i]) in nats, computed in
+    float64 from the step graph's logits."""
+
+    rid: int
+    start: int
+    logprobs: list[float]
+    top: list[TopLogprobs] | None = None
 
 
 class Final(msgspec.Struct, array_like=True):
@@ -195,6 +254,7 @@ class Finished(msgspec.Struct, tag="finished", array_like=True):
     finished_at: float
     prefill_s: float
     final: Final | None = None
+    index: int = 0  # which choice (requests with n > 1: one Finished per choice)
 
     def timings(self) -> dict[str, float]:
         end, t0 = self.finished_at, self.submitted_at
@@ -209,7 +269,7 @@ class Finished(msgspec.Struct, tag="finished", array_like=True):
         }
 
 
-Event = Admitted | Refused | Chars | Finished
+Event = Admitted | Refused | Scored | Chars | Finished
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):

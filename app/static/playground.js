@@ -73,6 +73,7 @@ async function loadModels() {
       (m) => new Option(m.name, m.name, m.name === list.default, m.name === list.default)));
     modelSelect.disabled = false;
     $("generate").disabled = false;
+    $("score").disabled = false;
     showModelInfo();
   } catch (err) {
     showError(`Could not load the models: ${err.message}`);
@@ -353,6 +354,54 @@ async function run(body, seed, continuing) {
   }
 }
 
+// "Score this text": POST /score, then the text box's text drawn with the same clusters and
+// shading as generated text, each character's probability the model's given everything before
+// it (the first given a newline, as an empty seed starts).
+async function scoreText() {
+  if (controller) return;
+  showError("");
+  $("stats").hidden = true;
+  const text = $("seed-text").value;
+  if (!text) {
+    showError("Type or paste the text to score in the seed text box.");
+    return;
+  }
+  controller = new AbortController();
+  $("generate").disabled = true;
+  $("score").disabled = true;
+  setStatus("running", `Scoring with ${modelSelect.value}…`);
+  try {
+    const response = await fetch("/score", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...headers() },
+      body: JSON.stringify({ model: modelSelect.value, text, top: 5 }),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const result = await response.json();
+    const details = result.logprobs.map((c) => ({
+      char: c.char,
+      prob: Math.exp(c.logprob),
+      top: c.top.map((t) => ({ char: t.char, prob: Math.exp(t.logprob) })),
+    }));
+    output.replaceChildren();
+    openCluster = null;
+    appendChunk({ text: result.text, details });
+    output.classList.add("shaded");
+    $("shade").checked = true;
+    $("legend").hidden = false;
+    setStatus("done", `Scored ${result.chars} characters: ${result.bits_per_char.toFixed(3)} ` +
+      `bits per character, perplexity ${result.perplexity.toFixed(2)}.`);
+  } catch (err) {
+    showError(err.message);
+    setStatus("error", "Failed.");
+  } finally {
+    controller = null;
+    $("generate").disabled = false;
+    $("score").disabled = false;
+  }
+}
+
 function setTemperature(value) {
   temperature.value = value;
   $("temperature-value").value = Number(temperature.value).toFixed(2);
@@ -364,6 +413,7 @@ $("constraint-kind").addEventListener("change", () => {
   $("constraint").disabled = !$("constraint-kind").value;
 });
 $("continue").addEventListener("click", continueRun);
+$("score").addEventListener("click", scoreText);
 modelSelect.addEventListener("change", showModelInfo);
 $("api-key").addEventListener("change", loadModels);
 temperature.addEventListener("input", () => setTemperature(temperature.value));
