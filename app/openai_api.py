@@ -36,6 +36,7 @@ from app.schemas import (
     FieldNames,
     GenerateRequest,
     GenerateResponse,
+    MinP,
     MinTokens,
     Seed,
     Stops,
@@ -143,7 +144,7 @@ class CompletionRequest(BaseModel):
     echo: bool = Field(False, description="return the prompt before the completion; with "
                        "logprobs, with its per-character log-probabilities (the first null)")
     user: str | None = None
-    min_p: AnyNumber = None
+    min_p: MinP = 0.0
     repetition_penalty: AnyNumber = None
     presence_penalty: AnyNumber = None
     frequency_penalty: AnyNumber = None

@@ -75,6 +75,7 @@ Stops = Annotated[list[str] | str | None, AfterValidator(check_stops)]
 # The engine holds top_k in int64; any k >= the vocabulary size already keeps every id.
 TopK = Annotated[int, number_in(0, MAX_TOP_K, note=" (0 switches it off)")]
 MinTokens = Annotated[int, number_in(0, 2**62 - 1)]
+MinP = Annotated[float, number_in(0, 1)]
 # Choices per request; the server's CHARLSTM_MAX_N (and its rows) bound it further.
 MAX_CHOICES = 4096
 ChoiceCount = Annotated[int, number_in(1, MAX_CHOICES)]
@@ -175,7 +176,8 @@ class GenerateRequest(BaseModel):
     best_of: BestOf = Field(None, description="sample this many choices and return the n with "
                             "the highest mean log-probability per character; not with stream")
     # Accepted at their neutral values only (see app/support.py and the README's table).
-    min_p: AnyNumber = Field(None, description="only 0 (see the README's table of fields)")
+    min_p: MinP = Field(0.0, description="drop characters less likely than min_p times the "
+                        "likeliest (after temperature); 0 is off")
     repetition_penalty: AnyNumber = Field(None, description="only 1")
     presence_penalty: AnyNumber = Field(None, description="only 0")
     frequency_penalty: AnyNumber = Field(None, description="only 0")

@@ -50,12 +50,12 @@ FIELDS: tuple[FieldSupport, ...] = (
                  "whatever max_tokens is (0 included)", v1_only=True),
     FieldSupport("user", DONE, "accepted and ignored (a label for the caller's own logs)",
                  v1_only=True),
-    FieldSupport("min_p", NEUTRAL, "needs the host sampler, and this server samples up to K "
-                 "characters per call inside its decode graph (temperature, top_k and top_p "
-                 "only); use top_p or top_k", 0.0),
+    FieldSupport("min_p", DONE, "drop characters less likely than min_p times the likeliest "
+                 "(after temperature); 0 is off. Such rows sample on the host, one character "
+                 "per call (the decode graph samples without it)"),
     FieldSupport("repetition_penalty", NEUTRAL, "over a ~65-character alphabet every common "
                  "letter repeats within a few characters, so a penalty on seen characters "
-                 "degrades spelling; and it needs the host sampler (see min_p)", 1.0),
+                 "degrades spelling (use a lower temperature, top_p or min_p)", 1.0),
     FieldSupport("presence_penalty", NEUTRAL, "a penalty counted per character would "
                  "penalise every common letter after a few words", 0.0),
     FieldSupport("frequency_penalty", NEUTRAL, "a penalty counted per character would "

@@ -375,3 +375,31 @@ def test_compiled_constraints_are_cached(srv: InProcessServer) -> None:
     assert len(svc.constraints.cache) == before + 1
     assert np.frombuffer(next(reversed(svc.constraints.cache.values())).constraint.table,
                          np.int32).size > 0
+
+
+def test_min_p_one_keeps_only_the_likeliest_character(tiny_models: Path) -> None:
+    """min_p 1 drops every character less likely than the likeliest: sampled text equals the
+    greedy one for any seed; a small min_p still samples (seeds differ), and it reproduces."""
+    srv = InProcessServer(tiny_models)
+    try:
+        with srv.client() as c:
+            def text(**kw: Any) -> str:
+                r = c.post("/generate", json={"seed_text": "ROMEO:\n", "max_new_chars": 60,
+                                              **kw})
+                assert r.status_code == 200, r.text
+                return str(r.json()["text"])
+
+            greedy = text(temperature=0)
+            assert all(text(temperature=1.0, seed=s, min_p=1.0) == greedy for s in range(4))
+            sampled = {text(temperature=1.0, seed=s, min_p=0.05) for s in range(4)}
+            assert len(sampled) > 1
+            assert text(temperature=1.0, seed=7, min_p=0.05) == text(temperature=1.0, seed=7,
+                                                                      min_p=0.05)
+            v1 = c.post("/v1/completions", json={"prompt": "ROMEO:\n", "max_tokens": 60,
+                                                 "temperature": 1.0, "seed": 3, "min_p": 1.0})
+            assert v1.json()["choices"][0]["text"] == greedy
+            bad = c.post("/generate", json={"seed_text": "A", "min_p": 1.5})
+            assert bad.status_code == 422
+            assert "min_p must be in [0, 1]" in bad.json()["error"]["message"]
+    finally:
+        srv.stop()

@@ -255,7 +255,6 @@ def test_fields_clients_send_at_their_neutral_values_change_nothing(
     ("presence_penalty", 0.5, "penalise every common letter"),
     ("frequency_penalty", -1.0, "penalise every common letter"),
     ("repetition_penalty", 1.1, "degrades spelling"),
-    ("min_p", 0.05, "needs the host sampler"),
     ("suffix", "xyz", "cannot fill in before a suffix"),
     ("guided_grammar", "root ::= 'a'", "unknown field 'guided_grammar'"),
 ])

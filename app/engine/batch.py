@@ -234,7 +234,8 @@ class Batch:
         self.stop_rows = frozenset(i for i, s in enumerate(self.seqs) if s.matcher.stops)
         self.detail_rows = [i for i, s in enumerate(self.seqs) if s.req.details]
         self.shaped_rows = [i for i, s in enumerate(self.seqs)
-                            if s.dfa is not None or s.bias is not None]
+                            if s.dfa is not None or s.bias is not None
+                            or s.req.sampling.min_p > 0]
         self.dfa_rows = frozenset(i for i in self.shaped_rows if self.seqs[i].dfa is not None)
 
     def filter(self, rows: npt.NDArray[np.intp]) -> None:

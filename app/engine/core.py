@@ -23,6 +23,7 @@ prefill) fails that sequence alone; a failing decode step fails the rows in that
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -566,6 +567,14 @@ class EngineCore:
                               np.intp)
             ok = tables.allowed(states, b.remaining[group])
             out[js] = np.where(ok, out[js], -np.inf)
+        for i, j in pos.items():
+            min_p = b.seqs[i].req.sampling.min_p
+            if min_p > 0:
+                # p / p_max < min_p after temperature T  <=>  logit < max + T log(min_p);
+                # greedy rows (T = 0) keep only the likeliest anyway.
+                t = max(float(b.temperature[i]), 1e-6)
+                floor = out[j].max() + t * math.log(min_p)
+                out[j] = np.where(out[j] < floor, -np.inf, out[j])
         return out, {i: out[j] for i, j in pos.items()}
 
     def _dfa_groups(self, rows: list[int]) -> dict[DfaTables, list[int]]:

@@ -41,6 +41,9 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     # Stop strings cannot end the text before this many characters (the matcher's business:
     # both decode paths emit through it, so nothing here for the samplers).
     min_tokens: int = 0
+    # Drop ids whose probability (after temperature, bias and constraint) is below min_p times
+    # the likeliest's; 0 is off. Rows with it sample on the host, as shaped rows do.
+    min_p: float = 0.0
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -56,6 +59,8 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
                 raise ValueError(f"logit_bias out of range: {i}: {b}")
         if not 0 <= self.min_tokens < 2**62:
             raise ValueError(f"min_tokens out of range: {self.min_tokens}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p out of range: {self.min_p}")
 
 
 SAMPLING_FIELDS: tuple[str, ...] = Sampling.__struct_fields__
