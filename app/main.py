@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost last: CORS (so browsers can read every refusal), then the Host and Origin
     # check, then the key check, then the body limit: refusals come before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys,
+    app.add_middleware(ApiKeyMiddleware, keys=settings.key_secrets,
                        routes=[route for r in routers for route in r.routes])
     app.add_middleware(OriginMiddleware, bind_host=settings.host,
                        allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, TypedDict
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.tenants import ApiKey, TenantSpec, parse_keys, tenant_table
+
 if TYPE_CHECKING:
     from app.engine.client import ClientTimings
     from app.engine.loop import LoopTimings
@@ -21,10 +23,13 @@ class EngineLimits(TypedDict):
     max_wait_s: float
     prefill_chunk_chars: int
     state_cache_bytes: int
+    tenants: dict[bytes, TenantSpec]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", env_file=None, extra="ignore")
+    # Errors never echo the value given: CHARLSTM_API_KEYS and the continuation key are secrets.
+    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", env_file=None, extra="ignore",
+                                      hide_input_in_errors=True)
 
     models_dir: Path = Field(Path("models"), description="folder with one sub-folder per model")
     default_model: str = Field("shakespeare", description="model used when a request names none")
@@ -80,8 +85,13 @@ class Settings(BaseSettings):
         2048, ge=1, description="open connections (and running requests) before new requests "
         "get uvicorn's 503; above the request capacity of two models at the default rows and "
         "queue (2 x 512), so a full model still answers its own 429")
-    api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys; empty disables auth")
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys, each optionally "
+        "followed by ;name=NAME (its label in metrics; default keyN), ;weight=W (its share of "
+        "the rows and queue when keys compete; default 1) and ;chars_per_min=N (a budget in "
+        "characters of work, seed + max_new_chars, per minute and model: over it, 429 with "
+        "Retry-After). Example: 'k1;name=web;weight=3, k2;name=batch;chars_per_min=600000'. "
+        "Empty disables auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed browser origins")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
@@ -142,9 +152,19 @@ class Settings(BaseSettings):
         return EngineLimits(max_batch=self.max_batch, max_queue=self.max_queue,
                             max_wait_s=self.max_wait_s,
                             prefill_chunk_chars=self.prefill_chunk_chars,
-                            state_cache_bytes=int(self.state_cache_mb * 2**20))
+                            state_cache_bytes=int(self.state_cache_mb * 2**20),
+                            tenants=tenant_table(self.api_keys))
 
-    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
+    @property
+    def key_secrets(self) -> list[str]:
+        return [k.key for k in self.api_keys]
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v: object) -> list[ApiKey]:
+        return parse_keys(v)
+
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
