@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypedDict
 
@@ -100,6 +101,16 @@ class Settings(BaseSettings):
         "'api.example.com', '*.example.com' (its subdomains), '*' (any Host). Empty: bound "
         "to a loopback address, localhost names only (against DNS rebinding); bound to "
         "another address, any Host")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated addresses or networks (CIDR) of "
+        "reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (uvicorn's "
+        "forwarded_allow_ips); '*' believes any peer. A request from one of them is never "
+        "local to POST /admin/reload. Empty: no forwarded header is believed")
+    admin_local: bool = Field(
+        False, description="accept POST /admin/reload without API keys from a caller on this "
+        "host: a loopback peer that is not a trusted proxy and forwards nobody (no "
+        "Forwarded, X-Forwarded-For or X-Real-IP). Off: without keys it answers 403. Behind a "
+        "same-host proxy, list the proxy in CHARLSTM_TRUSTED_PROXIES or leave this off")
     drain_s: float = Field(20.0, ge=0, description="SIGTERM grace period for running requests")
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     log_level: str = Field("info", description="Python logging level")
@@ -164,11 +175,24 @@ class Settings(BaseSettings):
     def _parse_keys(cls, v: object) -> list[ApiKey]:
         return parse_keys(v)
 
-    @field_validator("cors_origins", "allowed_hosts", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"takes IP addresses, networks (10.0.0.0/8) or '*', got "
+                                 f"{entry!r}") from None
         return v
 
     @field_validator("allowed_hosts")
