@@ -323,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             where = "CHARLSTM_" + "_".join(str(p) for p in err["loc"][:1]).upper()
             print(f"error: cannot start: {where}: {err['msg']}", file=sys.stderr)
         return 2
+    from app.tracing import environment_problem
+
+    problem = environment_problem()
+    if problem is not None:
+        print(f"error: cannot start: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
