@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-full lint bench h2load browser clean
+.PHONY: serve test test-full lint bench h2load browser nginx clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,11 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(VENV)/.dev browser h2load lint
+test: $(VENV)/.dev browser h2load nginx lint
 	$(BIN)/python -m pytest -q
 
 # Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
-test-full: $(VENV)/.dev browser h2load lint
+test-full: $(VENV)/.dev browser h2load nginx lint
 	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
 
 # Debian's h2load (nghttp2-client) drives the servers in bench.serving.
@@ -49,6 +49,16 @@ h2load:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
 	  else echo "h2load not found and cannot install it: bench.serving cannot run"; fi; }
+
+# Debian's nginx for tests/test_replicas.py (two replicas behind a header-hash balancer). The
+# test runs its own nginx on a free loopback port; a packaged service, where one is started,
+# is left alone.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null 2>&1 \
+	      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; }; \
+	  else echo "nginx not found and cannot install it: the multi-replica test will be skipped"; fi; }
 
 bench: $(VENV)/.dev h2load
 	$(BIN)/python -m bench.decode
