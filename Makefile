@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-full lint bench h2load browser podman clean
+.PHONY: serve test test-full lint bench h2load browser podman nginx clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,11 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(VENV)/.dev browser h2load podman lint
+test: $(VENV)/.dev browser h2load podman nginx lint
 	$(BIN)/python -m pytest -q
 
 # Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
-test-full: $(VENV)/.dev browser h2load podman lint
+test-full: $(VENV)/.dev browser h2load podman nginx lint
 	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
 
 # Debian's h2load (nghttp2-client) drives the servers in bench.serving.
@@ -58,6 +58,15 @@ podman:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends podman runc mmdebstrap >/dev/null; \
 	  else echo "podman, runc or mmdebstrap not found and cannot install them: the container tests will be skipped"; fi; }
+# Debian's nginx for tests/test_replicas.py (two replicas behind a header-hash balancer). The
+# test runs its own nginx on a free loopback port; a packaged service, where one is started,
+# is left alone.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null 2>&1 \
+	      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; }; \
+	  else echo "nginx not found and cannot install it: the multi-replica test will be skipped"; fi; }
 
 bench: $(VENV)/.dev h2load
 	$(BIN)/python -m bench.decode

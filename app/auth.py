@@ -8,7 +8,6 @@ carry the `requires_key` dependency.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Sequence
 from typing import Annotated
@@ -19,6 +18,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import UnauthorizedError, error_response
+from app.tenants import scope_of
 
 AuthorizationHeader = Annotated[str | None, Header(
     description="Bearer <key>: one of CHARLSTM_API_KEYS, when keys are configured")]
@@ -79,4 +79,6 @@ def tenant(request: Request) -> bytes:
         return b""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     presented = token.strip() if scheme.lower() == "bearer" else ""
-    return hashlib.blake2b(presented.encode(), digest_size=32).digest()
+    # The engine knows each key's name, weight and budget by this same digest
+    # (app/tenants.py tenant_table), and schedules fairly between them.
+    return scope_of(presented)

@@ -7,12 +7,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app import admin, api, openai_api
+from app import admin, api, openai_api, tracing
 from app.artifact import ArtifactError
 from app.auth import ApiKeyMiddleware
 from app.errors import install_handlers
@@ -21,14 +22,26 @@ from app.metrics import Metrics
 from app.origin import OriginMiddleware
 from app.service import ModelService
 from app.settings import Settings
+from app.tenants import scope_of
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("app")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None,
+               tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """tracer_provider: trace requests there (tests); without it, requests are traced only
+    when the OTEL_* environment asks for it (app/tracing.py)."""
     settings = settings or Settings()
     metrics = Metrics()
     svc = ModelService(settings, metrics)
+    problem = tracing.environment_problem()
+    if problem is not None:
+        raise RuntimeError(f"cannot start: {problem}")
+    svc.tracing = tracing.Tracing.make(
+        tracer_provider, {scope_of(k.key): k.name for k in settings.api_keys})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Character-level LSTM text generation with continuous batching.",
         version="0.1.0",
         lifespan=lifespan,
+        telemetry=tracing.telemetry_config(tracer_provider),
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -74,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost last: CORS (so browsers can read every refusal), then the Host and Origin
     # check, then the key check, then the body limit: refusals come before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys,
+    app.add_middleware(ApiKeyMiddleware, keys=settings.key_secrets,
                        routes=[route for r in routers for route in r.routes])
     app.add_middleware(OriginMiddleware, bind_host=settings.host,
                        allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)

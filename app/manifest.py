@@ -17,6 +17,7 @@ gets a `ReloadReport` back.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import zmq
@@ -68,6 +69,39 @@ class ReloadReport(_Frozen):
     removed: list[str] = Field(description="models no longer served (their folder is gone)")
     refused: list[Refusal] = Field(description="folders refused, this round or before and "
                                    "unchanged since; the models they would replace keep serving")
+
+    def without_paths(self, models_dir: Path, run_dir: Path | None) -> ReloadReport:
+        """The report for a caller: folders relative to the models folder, and no absolute
+        server path in any reason (the supervisor's log keeps them whole)."""
+        def folder(path: str) -> str:
+            for root in _roots(models_dir):
+                if path.startswith(root + os.sep):
+                    return path[len(root) + 1:]
+            return Path(path).name
+
+        def reason(text: str) -> str:
+            for root in _roots(models_dir):
+                text = text.replace(root + os.sep, "")
+            if run_dir is not None:
+                for root in _roots(run_dir):
+                    text = text.replace(root + os.sep, "")
+            # Whatever other absolute path remains (a link's target): its last part only.
+            return _ABSOLUTE_DIRS.sub("", text)
+
+        return self.model_copy(update={
+            "models": [m.model_copy(update={"folder": folder(m.folder)}) for m in self.models],
+            "refused": [r.model_copy(update={"folder": folder(r.folder),
+                                             "reason": reason(r.reason)})
+                        for r in self.refused]})
+
+
+# "/a/b/" of "/a/b/c", not preceded by a path or word character.
+_ABSOLUTE_DIRS = re.compile(r"(?<![\w.~/-])/(?:[^/\s'\"]+/)+")
+
+
+def _roots(path: Path) -> list[str]:
+    return sorted({str(path), str(path.resolve()), os.path.abspath(path)}, key=len,
+                  reverse=True)
 
 
 def manifest_path(run_dir: Path) -> Path:

@@ -56,6 +56,29 @@ class Metrics:
                                  ["model"], registry=r, multiprocess_mode="livesum")
         self.cache_entries = Gauge("charlstm_state_cache_entries", "states held by the cache",
                                    ["model"], registry=r, multiprocess_mode="livesum")
+        # For an InferencePool's endpoint picker (Gateway API Inference Extension) and KEDA:
+        # queued and running requests are charlstm_queue_depth and charlstm_active_rows; these
+        # say how full a replica is, as fractions (docs/DEPLOYMENT.md).
+        self.rows_usage = Gauge("charlstm_rows_usage_ratio", "rows held / CHARLSTM_MAX_BATCH "
+                                "(0-1): the LSTM's counterpart of a KV-cache utilization",
+                                ["model"], registry=r, multiprocess_mode="livesum")
+        self.cache_usage = Gauge("charlstm_state_cache_usage_ratio", "state cache bytes held / "
+                                 "its budget (0-1)", ["model"], registry=r,
+                                 multiprocess_mode="livesum")
+        # Per API key, by its configured name (never the key): a bounded label set.
+        self.key_requests = Counter("charlstm_key_requests", "generation requests per API key, "
+                                    "by outcome", ["model", "key", "outcome"], registry=r)
+        self.key_chars = Counter("charlstm_key_chars", "characters of work per API key: seed "
+                                 "(prefilled) and generated", ["model", "key", "kind"],
+                                 registry=r)
+        self.key_refusals = Counter("charlstm_key_refusals", "requests refused per API key, by "
+                                    "cause: budget (chars_per_min), capacity (queue full), wait "
+                                    "(predicted wait), time_limit", ["model", "key", "cause"],
+                                    registry=r)
+        self.key_queue = Gauge("charlstm_key_queue_depth", "requests waiting per API key",
+                               ["model", "key"], registry=r, multiprocess_mode="livesum")
+        self.key_rows = Gauge("charlstm_key_active_rows", "rows held per API key",
+                              ["model", "key"], registry=r, multiprocess_mode="livesum")
         self.batch = Histogram("charlstm_batch_size", "rows per decode step", ["model"],
                                buckets=_BATCH_BUCKETS, registry=r)
         self.step = Histogram("charlstm_step_seconds", "onnxruntime time per decode step",
@@ -89,9 +112,16 @@ class ModelObserver:
         self._step = m.step.labels(model)
         self._queue = m.queue.labels(model)
         self._active = m.active.labels(model)
+        self._rows_usage = m.rows_usage.labels(model)
+        self.max_batch = 0
+        self.cache_budget = 0
         if not os.environ.get(MULTIPROC_ENV):  # there, the engine process owns these
             self._queue.set(0)
             self._active.set(0)
+
+    def on_limits(self, max_batch: int, cache_bytes: int) -> None:
+        self.max_batch, self.cache_budget = max_batch, cache_bytes
+        self._rows_usage.set(0)
 
     def on_step(self, batch: int, seconds: float) -> None:
         self._batch.observe(batch)
@@ -103,6 +133,8 @@ class ModelObserver:
     def on_queue(self, waiting: int, active: int) -> None:
         self._queue.set(waiting)
         self._active.set(active)
+        if self.max_batch:
+            self._rows_usage.set(active / self.max_batch)
 
     def on_refusal_verdict(self, false: bool) -> None:
         self.m.refusals.labels(self.model, "false" if false else "justified").inc()
@@ -113,6 +145,8 @@ class ModelObserver:
             self.m.cache_chars.labels(self.model).inc(chars_saved)
         self.m.cache_bytes.labels(self.model).set(size_bytes)
         self.m.cache_entries.labels(self.model).set(entries)
+        if self.cache_budget:
+            self.m.cache_usage.labels(self.model).set(size_bytes / self.cache_budget)
 
     def on_estimate(self, wait_s: float, chars_per_s: float) -> None:
         self.m.wait.labels(self.model).set(wait_s)
@@ -126,6 +160,20 @@ class ModelObserver:
             if request.finished_at is not None and request.sampled > 1:
                 gap = (request.finished_at - request.first_at) / (request.sampled - 1)
                 self.m.itl.labels(self.model).observe(gap)
+
+    def on_key(self, key: str, queued: int, rows: int) -> None:
+        self.m.key_queue.labels(self.model, key).set(queued)
+        self.m.key_rows.labels(self.model, key).set(rows)
+
+    def on_key_finish(self, key: str, outcome: str, seed_chars: int, generated: int) -> None:
+        self.m.key_requests.labels(self.model, key, outcome).inc()
+        if seed_chars:
+            self.m.key_chars.labels(self.model, key, "seed").inc(seed_chars)
+        if generated:
+            self.m.key_chars.labels(self.model, key, "generated").inc(generated)
+
+    def on_key_refused(self, key: str, cause: str) -> None:
+        self.m.key_refusals.labels(self.model, key, cause).inc()
 
     def on_rejected(self, outcome: str) -> None:
         self.m.requests.labels(self.model, outcome).inc()

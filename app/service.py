@@ -35,6 +35,7 @@ from app.engine.client import (
 from app.engine.core import EngineCore
 from app.engine.messages import (
     SAMPLING_FIELDS,
+    Admitted,
     Chars,
     Detail,
     Event,
@@ -76,6 +77,7 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.support import NEUTRAL_FIELDS, check_neutral
+from app.tracing import RequestTrace, Tracing
 from app.vocab import Vocabulary, normalize
 
 log = logging.getLogger(__name__)
@@ -270,6 +272,7 @@ class ModelService:
         self.retiring: dict[EngineClient, asyncio.Task[None]] = {}
         self._sync_lock = asyncio.Lock()
         self.constraints = ConstraintCompiler()
+        self.tracing: Tracing | None = None  # set by create_app when traces are configured
 
     # --- life cycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -775,17 +778,33 @@ class ModelService:
         if not self.started or self.draining:
             observer.on_rejected("unavailable")
             raise UnavailableError("the server is shutting down or not ready; retry elsewhere")
+        trace = self.tracing.begin() if self.tracing is not None else None
+        if trace is not None:
+            req = job.request
+            trace.start(job.served.model.name, len(req.seed_ids), req.max_new, req.cache_scope)
         events = job.served.engine.generate(job.request, idle_s)
         try:
             async for event in events:
+                if trace is not None:
+                    self._traced(trace, job, event)
                 yield event
         except RefusedError as exc:
+            if trace is not None:
+                trace.answered(refused=exc.kind)
             raise self._refusal(exc, observer) from None
         except EngineUnavailableError as exc:
             observer.on_rejected("unavailable")
             raise UnavailableError(str(exc)) from None
         finally:
             await events.aclose()
+
+    @staticmethod
+    def _traced(trace: RequestTrace, job: Job, event: Event | None) -> None:
+        if isinstance(event, Admitted):
+            trace.answered()
+        elif isinstance(event, Finished):
+            status = job.served.engine.status
+            trace.finished(event, status.pid if status is not None else None)
 
     @staticmethod
     def _refusal(exc: RefusedError, observer: ModelObserver) -> ServiceError:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.tenants import ApiKey, TenantSpec, parse_keys, tenant_table
 
 if TYPE_CHECKING:
     from app.engine.client import ClientTimings
@@ -21,10 +24,13 @@ class EngineLimits(TypedDict):
     max_wait_s: float
     prefill_chunk_chars: int
     state_cache_bytes: int
+    tenants: dict[bytes, TenantSpec]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", env_file=None, extra="ignore")
+    # Errors never echo the value given: CHARLSTM_API_KEYS and the continuation key are secrets.
+    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", env_file=None, extra="ignore",
+                                      hide_input_in_errors=True)
 
     models_dir: Path = Field(Path("models"), description="folder with one sub-folder per model")
     default_model: str = Field("shakespeare", description="model used when a request names none")
@@ -82,8 +88,13 @@ class Settings(BaseSettings):
         2048, ge=1, description="open connections (and running requests) before new requests "
         "get uvicorn's 503; above the request capacity of two models at the default rows and "
         "queue (2 x 512), so a full model still answers its own 429")
-    api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys; empty disables auth")
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys, each optionally "
+        "followed by ;name=NAME (its label in metrics; default keyN), ;weight=W (its share of "
+        "the rows and queue when keys compete; default 1) and ;chars_per_min=N (a budget in "
+        "characters of work, seed + max_new_chars, per minute and model: over it, 429 with "
+        "Retry-After). Example: 'k1;name=web;weight=3, k2;name=batch;chars_per_min=600000'. "
+        "Empty disables auth")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed browser origins")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
@@ -92,6 +103,16 @@ class Settings(BaseSettings):
         "'api.example.com', '*.example.com' (its subdomains), '*' (any Host). Empty: bound "
         "to a loopback address, localhost names only (against DNS rebinding); bound to "
         "another address, any Host")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated addresses or networks (CIDR) of "
+        "reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (uvicorn's "
+        "forwarded_allow_ips); '*' believes any peer. A request from one of them is never "
+        "local to POST /admin/reload. Empty: no forwarded header is believed")
+    admin_local: bool = Field(
+        False, description="accept POST /admin/reload without API keys from a caller on this "
+        "host: a loopback peer that is not a trusted proxy and forwards nobody (no "
+        "Forwarded, X-Forwarded-For or X-Real-IP). Off: without keys it answers 403. Behind a "
+        "same-host proxy, list the proxy in CHARLSTM_TRUSTED_PROXIES or leave this off")
     drain_s: float = Field(20.0, ge=0, description="SIGTERM grace period for running requests")
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     log_level: str = Field("info", description="Python logging level")
@@ -144,13 +165,36 @@ class Settings(BaseSettings):
         return EngineLimits(max_batch=self.max_batch, max_queue=self.max_queue,
                             max_wait_s=self.max_wait_s,
                             prefill_chunk_chars=self.prefill_chunk_chars,
-                            state_cache_bytes=int(self.state_cache_mb * 2**20))
+                            state_cache_bytes=int(self.state_cache_mb * 2**20),
+                            tenants=tenant_table(self.api_keys))
 
-    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
+    @property
+    def key_secrets(self) -> list[str]:
+        return [k.key for k in self.api_keys]
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, v: object) -> list[ApiKey]:
+        return parse_keys(v)
+
+    @field_validator("cors_origins", "allowed_hosts", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"takes IP addresses, networks (10.0.0.0/8) or '*', got "
+                                 f"{entry!r}") from None
         return v
 
     @field_validator("allowed_hosts")

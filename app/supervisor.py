@@ -46,6 +46,7 @@ from types import FrameType
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
 
 from app.artifact import ArtifactError, read_metadata
 from app.lifecycle import alive_file, reap_orphans
@@ -328,7 +329,19 @@ def main(argv: list[str] | None = None) -> int:
                     "Everything is configured through the environment:",
         epilog=describe_settings(), formatter_class=argparse.RawDescriptionHelpFormatter,
     ).parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors(include_input=False):
+            where = "CHARLSTM_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+            print(f"error: cannot start: {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    from app.tracing import environment_problem
+
+    problem = environment_problem()
+    if problem is not None:
+        print(f"error: cannot start: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

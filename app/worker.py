@@ -53,8 +53,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    # One trust list for the forwarded headers and for what POST /admin/reload calls local
+    # (app/admin.py): uvicorn's default would believe 127.0.0.1 and ::1, so a same-host proxy
+    # sending no X-Forwarded-For made every remote caller local.
     return LimitedConfig(app, host=settings.host, port=settings.port,
-                         log_level=settings.log_level.lower(), proxy_headers=True,
+                         log_level=settings.log_level.lower(),
+                         proxy_headers=bool(settings.trusted_proxies),
+                         forwarded_allow_ips=settings.trusted_proxies or [],
                          timeout_graceful_shutdown=5,
                          # Longer than client pools (httpx 5 s) and load balancers (often
                          # 60 s) keep idle connections, so the server is never the side that

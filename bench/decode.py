@@ -218,6 +218,18 @@ class StepClock:
     def on_cache(self, hit: bool, chars_saved: int, size_bytes: int, entries: int) -> None:
         pass
 
+    def on_limits(self, max_batch: int, cache_bytes: int) -> None:
+        pass
+
+    def on_key(self, key: str, queued: int, rows: int) -> None:
+        pass
+
+    def on_key_finish(self, key: str, outcome: str, seed_chars: int, generated: int) -> None:
+        pass
+
+    def on_key_refused(self, key: str, cause: str) -> None:
+        pass
+
     def on_finish(self, request: Sequence) -> None:
         pass
 

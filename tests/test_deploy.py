@@ -500,3 +500,124 @@ def test_serve_waits_for_a_service_on_another_host_then_says_what_to_do(
                                          r"within 1 s.*not an address of this host"):
         serve(tmp_path / "mine", "http://api-cpu.invalid:8000", wait_s=1.0)
     assert time.monotonic() - start < 10
+# --- deploy/k8s/gateway and deploy/k8s/keda: custom resources, against vendored CRDs ------
+
+CRD_DIR = ROOT / "tests" / "data" / "crds"
+EXTRA_FILES = sorted((ROOT / "deploy" / "k8s").glob("*/*.yaml"))
+AFFINITY_HEADER = "X-Session-Id"
+
+
+def extra_resources() -> list[dict[str, Any]]:
+    return [doc for path in EXTRA_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def crd_schema(resource: dict[str, Any]) -> dict[str, Any]:
+    group, version = resource["apiVersion"].split("/")
+    path = CRD_DIR / f"{group}_{version}_{resource['kind']}.json"
+    assert path.is_file(), f"no vendored schema for {resource['apiVersion']} {resource['kind']}"
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], where: str = "") -> list[str]:
+    """Fields the schema does not declare. The API server prunes them without a word (a
+    structural schema), so a misspelt field would silently do nothing: here it fails."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, dict) and "properties" in schema:
+        found = [f"{where}.{k}" for k in value if k not in schema["properties"]]
+        for k, v in value.items():
+            if k in schema["properties"]:
+                found += unknown_fields(v, schema["properties"][k], f"{where}.{k}")
+        return found
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return [f for k, v in value.items()
+                for f in unknown_fields(v, schema["additionalProperties"], f"{where}.{k}")]
+    if isinstance(value, list) and "items" in schema:
+        return [f for i, v in enumerate(value)
+                for f in unknown_fields(v, schema["items"], f"{where}[{i}]")]
+    return []
+
+
+def validate_custom(resource: dict[str, Any]) -> list[str]:
+    import jsonschema
+
+    schema = crd_schema(resource)
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(resource)]
+    return errors + [f"{f}: not in the schema" for f in unknown_fields(resource, schema)]
+
+
+@pytest.mark.parametrize("path", EXTRA_FILES,
+                         ids=[f"{p.parent.name}/{p.name}" for p in EXTRA_FILES])
+def test_custom_resources_validate_against_their_vendored_crds(path: Path) -> None:
+    for resource in yaml.safe_load_all(path.read_text()):
+        if resource:
+            assert validate_custom(resource) == [], f"{path.name}: {resource['kind']}"
+
+
+def test_the_crd_validation_rejects_a_misspelt_or_wrongly_typed_field() -> None:
+    """Guards against a check that passes whatever the manifest says."""
+    (pool,) = [r for r in extra_resources() if r["kind"] == "InferencePool"]
+    misspelt = json.loads(json.dumps(pool))
+    misspelt["spec"]["targetPort"] = misspelt["spec"].pop("targetPorts")
+    assert any("targetPort" in e for e in validate_custom(misspelt))
+    wrong = json.loads(json.dumps(pool))
+    wrong["spec"]["targetPorts"] = [{"number": "8000"}]
+    assert validate_custom(wrong)
+
+
+def test_gateway_and_keda_resources_point_at_the_service_and_its_metrics() -> None:
+    extra = {(r["kind"], r["metadata"]["name"]): r for r in extra_resources()}
+    pod = by_kind("Deployment")["spec"]["template"]
+    (api,) = pod["spec"]["containers"]
+    ports = {p["containerPort"] for p in api["ports"]}
+    service = by_kind("Service")
+
+    pool = extra[("InferencePool", "charlstm")]["spec"]
+    assert pool["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert {p["number"] for p in pool["targetPorts"]} <= ports
+    completions = extra[("HTTPRoute", "charlstm-completions")]["spec"]["rules"]
+    assert [b["kind"] for r in completions for b in r["backendRefs"]] == ["InferencePool"]
+    assert {b["name"] for r in completions for b in r["backendRefs"]} == {"charlstm"}
+    rest = extra[("HTTPRoute", "charlstm")]["spec"]["rules"]
+    assert [(b["name"], b["port"]) for r in rest for b in r["backendRefs"]] == [
+        (service["metadata"]["name"], service["spec"]["ports"][0]["port"])]
+
+    policy = extra[("BackendTrafficPolicy", "charlstm-affinity")]["spec"]
+    assert [(t["kind"], t["name"]) for t in policy["targetRefs"]] == [("HTTPRoute", "charlstm")]
+    assert policy["loadBalancer"]["consistentHash"]["headers"] == [{"name": AFFINITY_HEADER}]
+
+    scaled = extra[("ScaledObject", "charlstm")]
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "charlstm")
+    hpa = by_kind("HorizontalPodAutoscaler")
+    assert scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["name"] == \
+        hpa["metadata"]["name"]
+    assert scaled["metadata"]["annotations"]["scaledobject.keda.sh/transfer-hpa-ownership"] \
+        == "true"
+    queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]
+               if t["type"] == "prometheus"]
+    model = by_kind("ConfigMap")["data"]["CHARLSTM_DEFAULT_MODEL"]
+    assert queries == [f'sum(charlstm_queue_depth{{model="{model}"}})']
+
+
+def test_the_metric_names_the_docs_give_the_endpoint_picker_and_keda_exist() -> None:
+    from app.metrics import Metrics
+
+    served = {n for m in Metrics().registry.collect() for n in (m.name, f"{m.name}_total")}
+    docs = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    named = set(re.findall(r"\b(charlstm_[a-z_]+)\{", docs))
+    assert {"charlstm_queue_depth", "charlstm_active_rows", "charlstm_rows_usage_ratio"} <= named
+    assert named <= served, named - served
+
+
+def test_k8s_leaves_the_admin_endpoint_closed() -> None:
+    """Without keys POST /admin/reload answers 403 unless CHARLSTM_ADMIN_LOCAL opts in: the
+    manifests never do, and never believe forwarded headers from everyone."""
+    (api,) = by_kind("Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {**by_kind("ConfigMap")["data"],
+           **{e["name"]: e.get("value", "") for e in api.get("env", [])}}
+    assert env.get("CHARLSTM_ADMIN_LOCAL", "false").lower() in ("false", "0", "no", "off")
+    assert "*" not in env.get("CHARLSTM_TRUSTED_PROXIES", "")
+    assert not Settings.model_fields["admin_local"].default

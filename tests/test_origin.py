@@ -36,6 +36,8 @@ def call(settings: Settings, headers: dict[str, str], method: str = "POST",
 
 
 def settings(**kw: object) -> Settings:
+    # admin_local: without keys POST /admin/reload is otherwise refused for everyone (403).
+    kw = {"admin_local": True, **kw}
     return Settings(models_dir=Path("models"), default_model="tiny", **kw)  # type: ignore[arg-type]
 
 
@@ -144,7 +146,7 @@ def test_allowed_hosts_takes_names_not_urls() -> None:
 
 def test_a_page_cannot_reload_a_keyless_loopback_service_but_the_playground_generates(
         tiny_models: Path, tmp_path: Path) -> None:
-    srv = start_server(tiny_models, tmp_path / "server.log")
+    srv = start_server(tiny_models, tmp_path / "server.log", admin_local="true")
     own = srv.url  # http://127.0.0.1:PORT, what the playground page's Origin is
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:

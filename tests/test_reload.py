@@ -170,7 +170,8 @@ def test_a_corrupt_or_invalid_folder_is_refused_by_name_and_the_old_version_keep
 
 def test_sighup_and_the_admin_endpoint_reload_and_removed_folders_stop_being_served(
         models: Path, source: Path, tmp_path: Path) -> None:
-    srv = start_server(models, tmp_path / "server.log", watch_models="false")
+    srv = start_server(models, tmp_path / "server.log", watch_models="false",
+                       admin_local="true")
     try:
         publish(models, "tiny", source, created=NEW_CREATED)
         time.sleep(1.5)
@@ -223,16 +224,31 @@ def admin_reload(settings: Settings, client: tuple[str, int],
     return asyncio.run(post())
 
 
-def test_without_api_keys_the_admin_endpoint_answers_only_loopback(tiny_models: Path) -> None:
-    settings = Settings(models_dir=tiny_models, default_model="tiny")
+def test_without_api_keys_the_admin_endpoint_is_refused_unless_opted_in(
+        tiny_models: Path) -> None:
+    closed = Settings(models_dir=tiny_models, default_model="tiny")
+    for host in ("127.0.0.1", "10.1.2.3"):
+        refused = admin_reload(closed, (host, 40000))
+        assert refused.status_code == 403, host
+        assert "CHARLSTM_ADMIN_LOCAL" in refused.json()["error"]["message"]
+    settings = Settings(models_dir=tiny_models, default_model="tiny", admin_local=True)
     remote = admin_reload(settings, ("10.1.2.3", 40000))
     assert remote.status_code == 403
     assert "CHARLSTM_API_KEYS" in remote.json()["error"]["message"]
-    for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+    for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.6"):
         local = admin_reload(settings, (host, 40000))
         # Past the guard: this process runs its engines on threads, which cannot reload.
         assert local.status_code == 501, host
         assert "restart it" in local.json()["error"]["message"]
+    # A loopback peer forwarding someone is a proxy, whoever it forwards.
+    for header in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):
+        value = "for=203.0.113.5" if header == "Forwarded" else "203.0.113.5"
+        assert admin_reload(settings, ("127.0.0.6", 40000), {header: value}
+                            ).status_code == 403, header
+    # A trusted proxy is never local, even forwarding nobody (nginx's plain proxy_pass).
+    behind = settings.model_copy(update={"trusted_proxies": ["127.0.0.0/29"]})
+    assert admin_reload(behind, ("127.0.0.6", 40000)).status_code == 403
+    assert admin_reload(behind, ("127.0.0.9", 40000)).status_code == 501
 
 
 def test_with_api_keys_the_admin_endpoint_needs_a_key_from_anywhere(tiny_models: Path) -> None:

@@ -115,7 +115,7 @@ def test_a_model_json_over_the_bound_or_linked_outside_is_refused_unread(
 def test_hot_reload_refuses_a_fifo_and_an_outside_link_and_keeps_serving_and_draining(
         models: Path, tmp_path: Path) -> None:
     huge = sparse_file(tmp_path / "huge.json", BIG)
-    srv = start_server(models, tmp_path / "server.log", drain_s="2")
+    srv = start_server(models, tmp_path / "server.log", drain_s="2", admin_local="true")
     try:
         fifo = plant(models, "fifo", os.mkfifo)
         plant(models, "linked", lambda p: p.symlink_to(huge))
@@ -125,8 +125,11 @@ def test_hot_reload_refuses_a_fifo_and_an_outside_link_and_keeps_serving_and_dra
             took = time.monotonic() - began
             assert reply.status_code == 200, reply.text
             refused = {r["name"]: r["reason"] for r in reply.json()["refused"]}
-            assert f"{fifo / 'model.json'}: is a FIFO (named pipe)" in refused["fifo"]
+            # Named relative to the models folder: no server path reaches the caller.
+            assert "fifo/model.json: is a FIFO (named pipe)" in refused["fifo"]
             assert "outside the models folder" in refused["linked"]
+            assert str(tmp_path) not in reply.text
+            assert {r["folder"] for r in reply.json()["refused"]} == {"fifo", "linked"}
             assert took < 10
             # The served model keeps serving, from every part of the service.
             assert c.get("/ready").status_code == 200

@@ -134,7 +134,8 @@ def ask_reload(client: httpx.Client, model_dir: Path, timeout_s: float) -> None:
         raise ServeError(f"the reload request failed: {exc}") from None
     if reply.status_code == 200:
         for refusal in _json(reply).get("refused", []):
-            if Path(refusal.get("folder", "")).resolve() == model_dir.resolve():
+            # Folders are named relative to the service's models folder (never its paths).
+            if Path(refusal.get("folder", "")).name == model_dir.name:
                 raise ServeError(f"the service refused {model_dir}: {refusal.get('reason')}")
     elif reply.status_code == 501:
         raise ServeError(f"the service at {client.base_url} cannot load models while running "

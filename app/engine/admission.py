@@ -1,8 +1,12 @@
 """Admission by predicted wait: how long a request sent now would wait for a batch row, and
 whether to refuse it (429 with Retry-After) rather than let it wait past CHARLSTM_MAX_WAIT_S.
 
-The prediction simulates the FIFO queue over the rows' remaining work in iterations, with an
+The prediction simulates the queue over the rows' remaining work in iterations, with an
 iteration's cost measured at start (`calibrate`) and corrected by the live iteration period.
+With API keys the queue is fair (app/engine/fairness.py): a newcomer's prediction counts only
+the requests fair queuing would serve before it (its own key's, and the others' up to their
+share), so one key's flood raises that key's predicted wait, not everyone's. A key over its
+characters-per-minute budget is refused first, with Retry-After from its budget.
 Each refusal is judged afterwards against what the queue really did (a "false" refusal: a row
 came within the bound), which /metrics reports.
 """
@@ -46,6 +50,13 @@ class Decision:
     wait_s: float  # predicted wait for a row
     refusal: str | None = None  # None: admitted
     retry_after: int = 0
+    cause: str = ""  # of a refusal: budget | capacity | wait | time_limit
+
+
+def _pop(frees: list[float]) -> float:
+    """The next row to free; inf when none is left to this request (the rest are kept free
+    for other keys, app/engine/fairness.py)."""
+    return heapq.heappop(frees) if frees else math.inf
 
 
 class AdmissionPolicy:
@@ -167,16 +178,19 @@ class AdmissionPolicy:
         self.prefill_s_per_char = statistics.median(self._prefill_rates)
 
     # --- predictions --------------------------------------------------------------------------
-    def predict_wait(self, rows: int = 1) -> float:
-        """Seconds until a request submitted now would get its `rows` rows (0 when free).
+    def predict_wait(self, req: GenerationRequest | None = None) -> float:
+        """Seconds until a request submitted now would get its rows (n for n choices; 0 when
+        they are free): for `req`'s key when given, else for a one-row request behind
+        everything queued.
 
-        Simulates the FIFO queue over the rows' remaining work in iterations: every row frees
-        after its remaining characters, each waiting request then holds the first rows to free
-        (n for n choices) for its prefill slices and its characters. Pessimistic where stops
-        end rows early."""
+        Simulates the queue over the rows' remaining work in iterations: every row frees
+        after its remaining characters, each request ahead then holds the first rows to free
+        for its prefill slices and its characters. Pessimistic where stops end rows early."""
         core = self.core
-        free = core.max_batch - core.active
-        if free >= sum(s.rows for s in core.waiting) + rows:
+        rows = req.n if req is not None else 1
+        ahead = core.waiting.ahead(req)
+        free = core.waiting.rows_for(req, core.max_batch - core.active)
+        if free >= sum(s.rows for s in ahead) + rows:
             return 0.0
         per_iter = self.iteration_s or 0.001
         per_prefill = self.prefill_iteration_s or 0.001
@@ -195,15 +209,15 @@ class AdmissionPolicy:
         # (prefill already under way is in the measured iteration period).
         prefill_chars = 0
         heapq.heapify(frees)
-        for s in core.waiting:
-            start = max(heapq.heappop(frees) for _ in range(s.rows))
+        for s in ahead:
+            start = max(_pop(frees) for _ in range(s.rows))
             run = self.predict_run(s.req)
             for _ in range(s.rows):
                 heapq.heappush(frees, start + min(run, max(s.deadline - now - start, 0.0)))
             prefill_chars += len(s.seed)
         for _ in range(rows - 1):
-            heapq.heappop(frees)
-        return frees[0] + prefill_chars * self.prefill_s_per_char
+            _pop(frees)
+        return (frees[0] if frees else math.inf) + prefill_chars * self.prefill_s_per_char
 
     def predict_run(self, req: GenerationRequest) -> float:
         """Seconds a request would take once it holds a row, at the current iteration time."""
@@ -221,25 +235,40 @@ class AdmissionPolicy:
             self._judging_s += time.perf_counter() - t0
 
     def _decide(self, req: GenerationRequest) -> Decision:
+        decision = self._judge_request(req)
+        if decision.refusal is not None and self.core.observer is not None:
+            self.core.observer.on_key_refused(self.core.waiting.name(req), decision.cause)
+        return decision
+
+    def _judge_request(self, req: GenerationRequest) -> Decision:
         core = self.core
         name = core.model.name
+        over = core.waiting.budget_wait(req)
+        if over is not None:
+            seconds, budget = over
+            return Decision(0.0, f"API key {core.waiting.name(req)!r} is over its budget of "
+                                 f"{budget} characters per minute on model {name!r} (this "
+                                 f"request costs {len(req.seed_ids) + req.max_new}: seed plus "
+                                 "max_new_chars)", max(1, min(3600, math.ceil(seconds))),
+                            "budget")
         # Queued beyond the free rows: a burst decided in one go is admitted into free rows
         # at the same iteration, so those do not count against the queue.
-        if len(core.waiting) - max(core.max_batch - core.active, 0) >= self.max_queue:
-            wait = self.predict_wait(req.n)
+        if core.waiting.over_capacity(req, self.max_queue, core.max_batch - core.active):
+            wait = self.predict_wait(req)
             return Decision(wait, f"model {name!r} is at capacity ({len(core.waiting)} "
-                                  f"requests waiting)", self._retry_after(wait))
-        wait = self.predict_wait(req.n)
+                                  f"requests waiting)", self._retry_after(wait), "capacity")
+        wait = self.predict_wait(req)
         if wait > self.max_wait_s * self.REFUSE_PAST:
             if len(self._refusals) < 256:
-                # In the queue it would have stood behind everyone waiting and behind the
-                # requests refused before it (each of those needs a row first).
+                # In the queue it would have stood behind the requests served before it and
+                # behind the requests refused before it (each of those needs a row first).
                 self._refusals.append(_Refusal(time.perf_counter(),
-                                               len(core.waiting) + len(self._refusals),
+                                               len(core.waiting.ahead(req))
+                                               + len(self._refusals),
                                                self.predict_run(req)))
             return Decision(wait, f"model {name!r} is overloaded: a new request would wait "
                                   f"about {wait:.1f} s for a row (limit {self.max_wait_s:g} s)",
-                            self._retry_after(wait))
+                            self._retry_after(wait), "wait")
         limit = req.time_limit_s
         if wait > 0:
             log.debug("admit %s: predicted wait %.3f s (iteration %.2f ms x factor %.2f), "
@@ -249,7 +278,7 @@ class AdmissionPolicy:
             target = max(limit - self.predict_run(req), 0.0)
             return Decision(wait, f"model {name!r} cannot finish this request within its time "
                                   f"limit of {limit:g} s now (about {wait:.1f} s of queue "
-                                  "ahead)", self._retry_after(wait, target=target))
+                                  "ahead)", self._retry_after(wait, target=target), "time_limit")
         return Decision(wait)
 
     def _retry_after(self, wait: float, target: float | None = None) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from app.decode import DecodeGraph, DecodeGraphs, block_uniforms
 from app.engine.admission import AdmissionPolicy, Decision
 from app.engine.batch import Batch, DfaTables, Sequence, StepModel
 from app.engine.cache import StateCache, prefix_digests
+from app.engine.fairness import FairQueue
 from app.engine.messages import (
     TOP_ALTERNATIVES,
     Constraint,
@@ -49,6 +50,7 @@ from app.engine.messages import (
 )
 from app.engine.scoring import score_positions
 from app.sampling import sample_next, softmax
+from app.tenants import TenantSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,11 @@ class EngineObserver(Protocol):
     def on_refusal_verdict(self, false: bool) -> None: ...
     def on_estimate(self, wait_s: float, chars_per_s: float) -> None: ...
     def on_cache(self, hit: bool, chars_saved: int, size_bytes: int, entries: int) -> None: ...
+    def on_limits(self, max_batch: int, cache_bytes: int) -> None: ...
+    # Per API key (its name, never the key): app/engine/fairness.py
+    def on_key(self, key: str, queued: int, rows: int) -> None: ...
+    def on_key_finish(self, key: str, outcome: str, seed_chars: int, generated: int) -> None: ...
+    def on_key_refused(self, key: str, cause: str) -> None: ...
 
 
 # A decode step's result, per row of the batch: the ids it sampled, how many of them count
@@ -79,7 +86,8 @@ class EngineCore:
     def __init__(self, model: StepModel, max_batch: int = 256, max_queue: int = 256,
                  prefill_chunk_chars: int = 256, max_wait_s: float = 10.0,
                  observer: EngineObserver | None = None, state_cache_bytes: int = 0,
-                 decode: DecodeGraphs | None = None) -> None:
+                 decode: DecodeGraphs | None = None,
+                 tenants: dict[bytes, TenantSpec] | None = None) -> None:
         self.model = model
         self.decode = decode
         # Characters each row gains per decode call: the predictions count in characters.
@@ -88,7 +96,10 @@ class EngineCore:
         self.max_batch = max_batch
         self.prefill_chunk_chars = prefill_chunk_chars
         self.observer = observer
-        self.waiting: deque[Sequence] = deque()
+        # Queued requests, a FIFO per API key served by fair queuing (one FIFO without keys).
+        self.waiting = FairQueue(tenants, max_batch, observer)
+        if observer:
+            observer.on_limits(max_batch, state_cache_bytes)
         self.prefilling: list[Sequence] = []  # hold a row, seed not yet fully consumed
         self.batch = Batch(model)
         self.policy = AdmissionPolicy(self, max_queue, max_wait_s)
@@ -216,9 +227,10 @@ class EngineCore:
         now = time.perf_counter()
         whole_hits: list[tuple[Sequence, Any, npt.NDArray[np.float32]]] = []
         whole_rows = 0
-        while self.waiting and (self.active + whole_rows + self.waiting[0].rows
-                                <= self.max_batch):
-            s = self.waiting.popleft()
+        while self.waiting:
+            s = self.waiting.pop(self.max_batch - self.active - whole_rows)
+            if s is None:  # none fits, or the free rows are kept for keys that hold none
+                break
             self.policy.on_admitted(now)
             s.admitted_at = now
             if s.cancelled:
@@ -715,6 +727,10 @@ class EngineCore:
         s.error = error
         s.finished_at = time.perf_counter()
         s.finish_reason = reason
+        self.waiting.finished(s)
+        if s.parent is not None and s.parent.family_done:
+            # n choices: the request queued (and its key's rows) ends with its last choice.
+            self.waiting.finished(s.parent)
         self.touched.append(s)
         if self.observer:
             self.observer.on_finish(s)
