@@ -8,7 +8,7 @@ JAX yet, so `apply_threads` runs before those imports; this module imports neith
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 JitCompile = Literal["auto", "on", "off"]
@@ -62,3 +62,22 @@ def apply_threads(backend: str, threads: int) -> None:
 
 def keras_jit(jit: JitCompile) -> bool | str:
     return {"auto": "auto", "on": True, "off": False}[jit]
+
+
+# Today's settings: Keras's own. A GPU host keeps them (cuDNN's LSTM needs none of these).
+KERAS_DEFAULT = Speed()
+# The fastest configuration on a CPU-only host at equal or better validation loss after equal
+# wall time, from bench/results/training-sweep-vm-20261206.md.
+CPU_DEFAULT = Speed(fixed_window=True)
+CPU_SOURCE = "bench/results/training-sweep-vm-20261206.md"
+
+
+def chosen_speed(gpu: bool, **given: Any) -> tuple[Speed, str]:
+    """The defaults for this host with the options given (None: not given) over them, and
+    where the defaults came from, to be printed."""
+    base, source = (KERAS_DEFAULT, "Keras's defaults (a GPU host)") if gpu else (
+        CPU_DEFAULT, f"the fastest on a CPU in {CPU_SOURCE}")
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if overrides:
+        source += ", with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+    return replace(base, **overrides), source
