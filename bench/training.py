@@ -708,7 +708,7 @@ def _op_profile(xplane: str) -> list[dict[str, Any]]:
     kind, self_us = cols.index("type"), cols.index("total_self_time")
     by_type: dict[str, float] = {}
     for row in table["rows"]:
-        cells = [c.get("v") if c else None for c in row["c"]]
+        cells: list[Any] = [c.get("v") if c else None for c in row["c"]]
         by_type[str(cells[kind])] = by_type.get(str(cells[kind]), 0.0) + float(cells[self_us])
     by_type.pop("IDLE", None)  # idle threads of the pools, not work
     total = sum(by_type.values()) or 1.0
@@ -734,16 +734,16 @@ def run_sweep(corpus: str, quick: bool, out: Path, seed: int) -> tuple[Path, Pat
         configs = [c for c in configs if c.name in (TODAY.name, "tf fixed window")
                    or c.backend == "jax"][:3]
     rates: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
-    for r in range(int(knobs["rounds"])):
-        order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotated each round
+    for rnd in range(int(knobs["rounds"])):
+        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]  # rotated
         for c in order:
             res = run_child(c, corpus, max_chars, seed, "rate", float(knobs["window_s"]))
             rates[c.name].append(res)
             shown = (f"{res['chars_per_s']:,.0f} chars/s" if "chars_per_s" in res
                      else f"failed: {res['error'][-300:]}")
-            print(f"round {r + 1} {c.name}: {shown}, load {res['load_before'][0]:.2f}",
+            print(f"round {rnd + 1} {c.name}: {shown}, load {res['load_before'][0]:.2f}",
                   flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in configs:
         ok = [x["chars_per_s"] for x in rates[c.name] if "chars_per_s" in x]
         rows.append({"config": asdict(c), "name": c.name, "cli": c.cli_flags(),
@@ -767,14 +767,14 @@ def run_sweep(corpus: str, quick: bool, out: Path, seed: int) -> tuple[Path, Pat
     pair = [Config(**r["config"]) for r in {r["name"]: r for r in (today, fastest, same_steps)
                                             }.values()]
     losses: dict[str, list[dict[str, Any]]] = {c.name: [] for c in pair}
-    for r in range(int(knobs["loss_rounds"])):
-        for c in (pair if r % 2 == 0 else pair[::-1]):
+    for rnd in range(int(knobs["loss_rounds"])):
+        for c in (pair if rnd % 2 == 0 else pair[::-1]):
             res = run_child(c, corpus, max_chars, seed, "loss", float(knobs["loss_budget_s"]))
             losses[c.name].append(res)
             shown = (f"val {res['val_nats']:.4f} nats/char, {res['chars_per_s']:,.0f} chars/s"
                      if "val_nats" in res else f"failed: {res['error'][-300:]}")
-            print(f"loss round {r + 1} {c.name}: {shown}", flush=True)
-    loss_rows = []
+            print(f"loss round {rnd + 1} {c.name}: {shown}", flush=True)
+    loss_rows: list[dict[str, Any]] = []
     for c in pair:
         ok = [x for x in losses[c.name] if "val_nats" in x]
         loss_rows.append({"name": c.name, "budget_s": knobs["loss_budget_s"],

@@ -104,6 +104,7 @@ def test_a_terminal_gets_a_progress_line_with_chars_per_s_and_time_left(
     progress = re.findall(r"\repoch 1/1: batch (\d+)/6, loss [\d.]+, ([\d,]+) chars/s, "
                           r"(\d+) s left", out)
     assert progress, out[-2000:]
-    assert progress[-1][0] == "6" and progress[-1][2] == "0"
+    assert progress[-1][0] == "6"  # the last batch: nothing left
+    assert progress[-1][2] == "0"
     assert re.search(r"\r\x1b\[K\r?\n?epoch 1/1: loss [\d.]+ nats/char .* chars/s", out)
     assert THROUGHPUT.search(out.replace("\r\n", "\n"))

@@ -61,7 +61,8 @@ def apply_threads(backend: str, threads: int) -> None:
 
 
 def keras_jit(jit: JitCompile) -> bool | str:
-    return {"auto": "auto", "on": True, "off": False}[jit]
+    """`Model.compile`'s jit_compile: "auto" (Keras decides: no XLA on a CPU), True, False."""
+    return "auto" if jit == "auto" else jit == "on"
 
 
 # Today's settings: Keras's own. A GPU host keeps them (cuDNN's LSTM needs none of these).
