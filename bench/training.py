@@ -1,7 +1,23 @@
-"""`python -m bench.training`: our char-rnn training scheme against the Keras example's.
+"""`python -m bench.training`: training throughput per configuration (issue 21), and, with
+`--schemes`, our char-rnn training scheme against the Keras example's (issue 3).
 
-Both schemes train on the first 90% of the corpus for the same wall-clock budget, in one
-process, one after the other; then each is scored on the last 10% (issue 3).
+The configuration sweep (the default): models/shakespeare's architecture (Embedding(64) -> 2 x
+LSTM(256), dropout 0.2 -> Dense) trained as `python -m training train` trains it, under each
+configuration of the settings that change speed but not the model: Keras backend, threads,
+batch size, window length, jit_compile, bf16 mixed precision, a fixed window length and the
+input pipeline. Each configuration runs in a process of its own (backend and threads are chosen
+before import), in rounds: every round runs every configuration once, in a rotated order, so
+that the machine's other load falls on all of them alike; medians over the rounds are reported,
+with the spread. Phase 1 measures target characters per second over a short window after the
+first steps (graph tracing and compilation excluded). Phase 2 trains today's default and the
+fastest configuration for the same wall time from the start (compilation included), in
+alternation, and scores both on the whole validation split (windows of 100 from a zero state,
+training's val_loss). Then the fastest is profiled with py-spy. Writes
+bench/results/training-sweep-<host>-<YYYYMMDD>.json and .md.
+
+The scheme comparison (`--schemes`): both schemes train on the first 90% of the corpus for the
+same wall-clock budget, in one process, one after the other; then each is scored on the last
+10% (issue 3).
 
 - ours (training/): ids (B, 100) -> Embedding(64) -> N x LSTM -> Dense logits, a target at
   every position, windows advancing by 100 (each training character a target once per
@@ -481,6 +497,390 @@ def run(budget_s: float, corpus: str, quick: bool, out: Path, val_stride: int,
     return json_path, md_path
 
 
+# --- issue 21: the configuration sweep -----------------------------------------------------
+
+SWEEP_WINDOW_S = 5.0  # phase 1: seconds of steady training measured per configuration
+SWEEP_WARMUP_STEPS = 2  # phase 1: steps before the window (tracing, compilation)
+SWEEP_ROUNDS = 3
+LOSS_BUDGET_S = 40.0  # phase 2: wall time per run, compilation included
+LOSS_ROUNDS = 2
+PROFILE_S = 12.0
+QUICK_SWEEP = {"window_s": 0.5, "rounds": 1, "loss_budget_s": 2.0, "loss_rounds": 1,
+               "profile_s": 0.0}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way to train the same model: what `python -m training train` can be told."""
+
+    name: str
+    backend: str = "tensorflow"
+    threads: int = 0
+    batch_size: int = BATCH
+    seq_len: int = SEQ_LEN
+    jit_compile: str = "auto"
+    precision: str = "float32"
+    fixed_window: bool = False
+    pipeline: str = "tf.data"
+
+    def speed(self) -> Any:
+        from training.speed import Speed
+
+        return Speed(threads=self.threads, jit_compile=self.jit_compile,  # type: ignore[arg-type]
+                     precision=self.precision,  # type: ignore[arg-type]
+                     fixed_window=self.fixed_window, pipeline=self.pipeline)  # type: ignore[arg-type]
+
+    def cli_flags(self) -> str:
+        """The options of `python -m training train` that select this configuration."""
+        return (f"--backend {self.backend} --batch-size {self.batch_size} --seq-len "
+                f"{self.seq_len} --threads {self.threads} --jit-compile {self.jit_compile} "
+                f"--precision {self.precision} "
+                f"{'--fixed-window' if self.fixed_window else '--any-window'} "
+                f"--pipeline {self.pipeline}")
+
+
+TODAY = Config("today: tf, batch 64, any window")
+
+
+def sweep_configs(jax_available: bool) -> list[Config]:
+    from dataclasses import replace
+
+    fixed = replace(TODAY, name="tf fixed window", fixed_window=True)
+    out = [
+        TODAY,
+        fixed,
+        replace(fixed, name="tf fixed, 1 intra-op thread", threads=1),
+        replace(fixed, name="tf fixed, batch 128", batch_size=128),
+        replace(fixed, name="tf fixed, windows of 200", seq_len=200),
+        replace(fixed, name="tf fixed, jit_compile", jit_compile="on"),
+        replace(fixed, name="tf fixed, bf16", precision="mixed_bfloat16"),
+        replace(fixed, name="tf fixed, numpy arrays", pipeline="arrays"),
+    ]
+    if jax_available:
+        out.append(Config("jax, batch 64", backend="jax", fixed_window=True, pipeline="arrays"))
+        out.append(Config("jax, batch 128", backend="jax", batch_size=128, fixed_window=True,
+                          pipeline="arrays"))
+    return out
+
+
+def run_child(cfg: Config, corpus: str, max_chars: int | None, seed: int, mode: str,
+              seconds: float) -> dict[str, Any]:
+    """One configuration in a fresh process: `mode` "rate" (steady chars/s over `seconds` after
+    the warm-up steps) or "loss" (train `seconds` from the start, then the validation loss)."""
+    import subprocess
+
+    from training.speed import apply_threads
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "XLA_FLAGS")}
+    env["KERAS_BACKEND"] = cfg.backend
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["JAX_PLATFORMS"] = "cpu"
+    saved = dict(os.environ)
+    try:  # apply_threads writes os.environ: borrow it to build the child's environment
+        os.environ.clear()
+        os.environ.update(env)
+        apply_threads(cfg.backend, cfg.threads)
+        env = dict(os.environ)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    arg = json.dumps({"config": asdict(cfg), "corpus": corpus, "max_chars": max_chars,
+                      "seed": seed, "mode": mode, "seconds": seconds})
+    load_before = os.getloadavg()
+    res = subprocess.run([sys.executable, "-m", "bench.training", "--child", arg], env=env,
+                         capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+    if res.returncode != 0:
+        return {"error": res.stderr[-1500:], "load_before": load_before,
+                "load_after": os.getloadavg()}
+    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return {**out, "load_before": load_before, "load_after": os.getloadavg()}
+
+
+def child_main(arg: str) -> None:
+    """The child: train one configuration and print one JSON line."""
+    spec = json.loads(arg)
+    cfg = Config(**spec["config"])
+    import keras
+
+    from training.model import build_training_model, copy_weights
+    from training.train import compile_for_training, set_precision
+
+    split, _ = load_split(spec["corpus"], spec["max_chars"])
+    keras.utils.set_random_seed(spec["seed"])
+    speed = cfg.speed()
+    train_win = data.windows(split.train, cfg.seq_len)
+    set_precision(speed)
+    model = build_training_model(ModelConfig(vocab_size=split.vocab_size),
+                                 window=cfg.seq_len if cfg.fixed_window else None)
+    compile_for_training(model, LEARNING_RATE, CLIPNORM, speed)
+    if cfg.backend == "tensorflow" and cfg.pipeline == "tf.data":
+        kwargs: dict[str, Any] = {"x": data.dataset(train_win, cfg.batch_size, shuffle=True,
+                                                    seed=spec["seed"]), "shuffle": False}
+    else:
+        kwargs = {"x": train_win[:, :-1], "y": train_win[:, 1:], "batch_size": cfg.batch_size,
+                  "shuffle": True}
+    clock = _Clock()
+    seconds = float(spec["seconds"])
+    rate = spec["mode"] in ("rate", "profile")
+
+    class Stop(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            clock.step_ends.append(time.perf_counter() - self.t0)
+            ends = clock.step_ends
+            if rate:
+                if (len(ends) > SWEEP_WARMUP_STEPS
+                        and ends[-1] - ends[SWEEP_WARMUP_STEPS - 1] >= seconds):
+                    self.model.stop_training = True
+            elif ends[-1] >= seconds:
+                self.model.stop_training = True
+
+    if spec["mode"] == "profile":  # warm up (tracing), then trace `seconds` of steps
+        import tempfile
+
+        import tensorflow as tf
+
+        model.fit(epochs=1, verbose=0, steps_per_epoch=SWEEP_WARMUP_STEPS, **kwargs)
+        with tempfile.TemporaryDirectory() as logdir:
+            tf.profiler.experimental.start(logdir)
+            model.fit(epochs=1_000_000, verbose=0, callbacks=[Stop()], **kwargs)
+            tf.profiler.experimental.stop()
+            (xplane,) = Path(logdir).rglob("*.xplane.pb")
+            print(json.dumps({"seconds": clock.step_ends[-1], "steps": len(clock.step_ends),
+                              "ops": _op_profile(str(xplane))}), flush=True)
+        return
+    history = model.fit(epochs=1_000_000, verbose=0, callbacks=[Stop()], **kwargs)
+    ends = clock.step_ends
+    per_step = cfg.batch_size * cfg.seq_len  # partial batches end an epoch: counted below
+    trained = windows_after(len(ends), len(train_win), cfg.batch_size) * cfg.seq_len
+    out: dict[str, Any] = {"steps": len(ends), "first_step_s": ends[0], "train_s": ends[-1],
+                           "chars_trained": trained,
+                           "train_loss": float(history.history["loss"][-1])}
+    if rate:
+        w = SWEEP_WARMUP_STEPS
+        steady = (windows_after(len(ends), len(train_win), cfg.batch_size)
+                  - windows_after(w, len(train_win), cfg.batch_size)) * cfg.seq_len
+        out["chars_per_s"] = steady / (ends[-1] - ends[w - 1])
+        out["median_step_chars_per_s"] = per_step / float(np.median(np.diff(ends[w - 1:])))
+    else:
+        out["chars_per_s"] = trained / ends[-1]  # compilation included
+        keras.mixed_precision.set_global_policy("float32")
+        twin = build_training_model(ModelConfig(vocab_size=split.vocab_size))
+        copy_weights(model, twin)
+        t0 = time.perf_counter()
+        out["val_nats"] = score_zero_state_windows(twin, split.val, SEQ_LEN).loss_nats
+        out["eval_s"] = time.perf_counter() - t0
+    print(json.dumps(out), flush=True)
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _spread(values: list[float]) -> float | None:
+    """(max - min) / median: how far apart the rounds of one configuration were."""
+    return float((max(values) - min(values)) / np.median(values)) if len(values) > 1 else None
+
+
+def profile_child(cfg: Config, corpus: str, max_chars: int | None, seed: int, seconds: float,
+                  out_dir: Path) -> dict[str, Any]:
+    """TensorFlow's profiler over `seconds` of training of `cfg` after the warm-up steps: self
+    time by op type (py-spy cannot see TensorFlow's compute threads, which run no Python)."""
+    if cfg.backend != "tensorflow":
+        return {"config": cfg.name, "error": "the profile reads TensorFlow's profiler"}
+    res = run_child(cfg, corpus, max_chars, seed, "profile", seconds)
+    return {"config": cfg.name, **{k: v for k, v in res.items()
+                                   if k not in ("load_before", "load_after")}}
+
+
+def _op_profile(xplane: str) -> list[dict[str, Any]]:
+    """Self time by TensorFlow op type from a profiler trace (busy time only), largest first."""
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    raw, ok = plugin.xspace_to_tools_data([xplane], "framework_op_stats", {})
+    if not ok:
+        raise RuntimeError("the profiler trace could not be read")
+    table = json.loads(raw)[0]
+    cols = [c["id"] for c in table["cols"]]
+    kind, self_us = cols.index("type"), cols.index("total_self_time")
+    by_type: dict[str, float] = {}
+    for row in table["rows"]:
+        cells: list[Any] = [c.get("v") if c else None for c in row["c"]]
+        by_type[str(cells[kind])] = by_type.get(str(cells[kind]), 0.0) + float(cells[self_us])
+    by_type.pop("IDLE", None)  # idle threads of the pools, not work
+    total = sum(by_type.values()) or 1.0
+    return [{"op": k, "self_ms": v / 1e3, "share": v / total}
+            for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])[:12]]
+
+
+def run_sweep(corpus: str, quick: bool, out: Path, seed: int) -> tuple[Path, Path]:
+    import importlib.util
+
+    from bench.common import machine_facts as common_facts
+    from bench.common import write_results
+
+    knobs = QUICK_SWEEP if quick else {
+        "window_s": SWEEP_WINDOW_S, "rounds": SWEEP_ROUNDS, "loss_budget_s": LOSS_BUDGET_S,
+        "loss_rounds": LOSS_ROUNDS, "profile_s": PROFILE_S}
+    max_chars = QUICK_CHARS if quick else None
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    jax_ok = importlib.util.find_spec("jax") is not None
+    configs = sweep_configs(jax_ok)
+    if quick:
+        configs = [c for c in configs if c.name in (TODAY.name, "tf fixed window")
+                   or c.backend == "jax"][:3]
+    rates: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    for rnd in range(int(knobs["rounds"])):
+        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]  # rotated
+        for c in order:
+            res = run_child(c, corpus, max_chars, seed, "rate", float(knobs["window_s"]))
+            rates[c.name].append(res)
+            shown = (f"{res['chars_per_s']:,.0f} chars/s" if "chars_per_s" in res
+                     else f"failed: {res['error'][-300:]}")
+            print(f"round {rnd + 1} {c.name}: {shown}, load {res['load_before'][0]:.2f}",
+                  flush=True)
+    rows: list[dict[str, Any]] = []
+    for c in configs:
+        ok = [x["chars_per_s"] for x in rates[c.name] if "chars_per_s" in x]
+        rows.append({"config": asdict(c), "name": c.name, "cli": c.cli_flags(),
+                     "chars_per_s": ok, "median_chars_per_s": _median(ok), "spread": _spread(ok),
+                     "runs": rates[c.name]})
+    today = next(r for r in rows if r["name"] == TODAY.name)
+    ranked = sorted((r for r in rows if r["median_chars_per_s"]),
+                    key=lambda r: -r["median_chars_per_s"])
+    fastest = next((r for r in ranked if r["name"] != TODAY.name), ranked[0])
+    # A larger batch or window trains more characters per second but takes fewer optimizer
+    # steps per character, which can cost loss at equal time: the fastest that keeps today's
+    # batch and window (the same updates per character) is tried for loss too.
+    same_steps = next((r for r in ranked if r["name"] != TODAY.name
+                       and r["config"]["batch_size"] == TODAY.batch_size
+                       and r["config"]["seq_len"] == TODAY.seq_len), fastest)
+    for r in rows:
+        if r["median_chars_per_s"] and today["median_chars_per_s"]:
+            r["vs_today"] = r["median_chars_per_s"] / today["median_chars_per_s"]
+
+    # Phase 2: loss after equal wall time, today's default against the candidates, alternating.
+    pair = [Config(**r["config"]) for r in {r["name"]: r for r in (today, fastest, same_steps)
+                                            }.values()]
+    losses: dict[str, list[dict[str, Any]]] = {c.name: [] for c in pair}
+    for rnd in range(int(knobs["loss_rounds"])):
+        for c in (pair if rnd % 2 == 0 else pair[::-1]):
+            res = run_child(c, corpus, max_chars, seed, "loss", float(knobs["loss_budget_s"]))
+            losses[c.name].append(res)
+            shown = (f"val {res['val_nats']:.4f} nats/char, {res['chars_per_s']:,.0f} chars/s"
+                     if "val_nats" in res else f"failed: {res['error'][-300:]}")
+            print(f"loss round {rnd + 1} {c.name}: {shown}", flush=True)
+    loss_rows: list[dict[str, Any]] = []
+    for c in pair:
+        ok = [x for x in losses[c.name] if "val_nats" in x]
+        loss_rows.append({"name": c.name, "budget_s": knobs["loss_budget_s"],
+                          "val_nats": [x["val_nats"] for x in ok],
+                          "median_val_nats": _median([x["val_nats"] for x in ok]),
+                          "chars_per_s": [x["chars_per_s"] for x in ok],
+                          "median_chars_per_s": _median([x["chars_per_s"] for x in ok]),
+                          "runs": losses[c.name]})
+
+    # The new default: the fastest candidate whose median loss is no worse than today's.
+    base = loss_rows[0]["median_val_nats"]
+    keeps = [r["name"] for r in loss_rows[1:] if base is not None
+             and r["median_val_nats"] is not None and r["median_val_nats"] <= base]
+    chosen = next((r["name"] for r in ranked if r["name"] in keeps), TODAY.name)
+    # TensorFlow's profiler: the fastest TensorFlow configuration.
+    traced = next((r for r in ranked if r["config"]["backend"] == "tensorflow"), today)
+    profile = (profile_child(Config(**traced["config"]), corpus, max_chars, seed,
+                             float(knobs["profile_s"]), out)
+               if knobs["profile_s"] else {"skipped": "quick run"})
+    report = {
+        "benchmark": "training-sweep",
+        "date": date.today().isoformat(),
+        "command": " ".join(["python -m bench.training", *sys.argv[1:]]),
+        "quick": quick,
+        "knobs": knobs,
+        "warmup_steps": SWEEP_WARMUP_STEPS,
+        "model": "Embedding(64) -> 2 x LSTM(256), dropout 0.2 -> Dense (models/shakespeare)",
+        "optimizer": f"Adam({LEARNING_RATE}, clipnorm {CLIPNORM})",
+        "machine": common_facts(),
+        "keras_backends": {"tensorflow": True, "jax": jax_ok, "torch": False},
+        "torch": "not installed: PyPI's Linux torch wheel (539 MB for 2.15.0) requires the CUDA "
+                 "13 toolkit and cuDNN wheels (several GB); the CPU-only build is on "
+                 "download.pytorch.org, which this machine cannot reach",
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "wall_s": time.perf_counter() - started,
+        "throughput": rows,
+        "fastest": fastest["name"],
+        "fastest_same_steps": same_steps["name"],
+        "chosen": chosen,
+        "loss_at_equal_time": loss_rows,
+        "profile": profile,
+    }
+    return write_results(out, "training-sweep", quick, report, render_sweep(report))
+
+
+def render_sweep(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    k = report["knobs"]
+    lines = [
+        f"# Training throughput per configuration: {m['hostname']}, {report['date']}",
+        "",
+        f"`{report['command']}`, {report['wall_s'] / 60:.1f} minutes. Model: {report['model']}; "
+        f"{report['optimizer']}; tinyshakespeare's first 90% trained. Machine: {m['cpu']}, "
+        f"{m['cpu_count_logical']} CPUs, shared with other jobs: load average "
+        f"{_load(report['load_before'])} before, {_load(report['load_after'])} after.",
+        "",
+        f"Phase 1: target characters per second over {k['window_s']:g} s of training after "
+        f"{report['warmup_steps']} warm-up steps (tracing and compilation excluded); each "
+        f"configuration in a process of its own, {k['rounds']} rounds in rotated order; median "
+        "and spread ((max − min) / median) over the rounds.",
+        "",
+        "| configuration | median target chars/s | vs today | rounds | spread | CLI |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for r in sorted(report["throughput"], key=lambda r: -(r["median_chars_per_s"] or 0)):
+        med = r["median_chars_per_s"]
+        lines.append(
+            f"| {r['name']} | {med:,.0f} | {r.get('vs_today', 0):.2f}× | "
+            f"{', '.join(f'{x:,.0f}' for x in r['chars_per_s'])} | "
+            f"{(r['spread'] or 0) * 100:.0f}% | `{r['cli']}` |" if med else
+            f"| {r['name']} | failed | | | | `{r['cli']}` |")
+    lines += [
+        "",
+        f"Phase 2: today's default, the fastest ({report['fastest']}) and the fastest with "
+        f"today's batch and window ({report['fastest_same_steps']}) each trained "
+        f"{k['loss_budget_s']:g} s of wall time from the start (compilation included), "
+        f"{k['loss_rounds']} rounds alternating, then scored on the whole validation split "
+        "(windows of 100 from a zero state, training's val_loss). Chosen as the CPU default: "
+        f"**{report['chosen']}**, the fastest whose median loss is no worse than today's.",
+        "",
+        "| configuration | val loss after equal time, nats/char (median; rounds) | chars/s "
+        "over the whole time (median) |",
+        "|---|---:|---:|",
+    ]
+    for r in report["loss_at_equal_time"]:
+        vals = ", ".join(f"{v:.4f}" for v in r["val_nats"])
+        med = r["median_val_nats"]
+        lines.append(f"| {r['name']} | {med:.4f} ({vals}) | "
+                     f"{r['median_chars_per_s'] or 0:,.0f} |" if med is not None
+                     else f"| {r['name']} | failed | |")
+    prof = report["profile"]
+    if prof.get("ops"):
+        lines += ["", f"Profile of the fastest on TensorFlow ({prof['config']}; TensorFlow's "
+                  f"profiler over "
+                  f"{prof['steps']} steps after the warm-up): self time by op type, all "
+                  f"threads, share of the busy time. {prof.get('note', '')}", "",
+                  "| op type | self time, ms | share |", "|---|---:|---:|"]
+        lines += [f"| `{x['op']}` | {x['self_ms']:,.0f} | {x['share'] * 100:.1f}% |"
+                  for x in prof["ops"]]
+    elif prof:
+        lines += ["", f"Profile: {json.dumps(prof)[:300]}"]
+    lines += ["", f"Torch: {report['torch']}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -497,8 +897,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="score the character after every n-th 60-char validation window "
                         f"(default {DEFAULT_VAL_STRIDE}, {QUICK_VAL_STRIDE} with --quick; 1 = all)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--schemes", action="store_true",
+                   help="compare our training scheme with the Keras example's (issue 3) "
+                   "instead of the configuration sweep")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quiet_tensorflow()  # before TensorFlow is imported: no CUDA errors on a CPU-only host
+    if args.child is not None:
+        child_main(args.child)
+        return
+    if not args.schemes:
+        run_sweep(args.corpus, args.quick, args.out, args.seed)
+        return
     budget = args.budget_s if args.budget_s is not None else (
         QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)
     stride = args.val_stride if args.val_stride is not None else (

@@ -1,5 +1,5 @@
-"""The training benchmarks' smoke runs: `python -m bench.training --quick` and
-`python -m bench.training_stateful --quick` write their results."""
+"""The training benchmarks' smoke runs: `python -m bench.training --quick` (the configuration
+sweep), `--schemes --quick` and `python -m bench.training_stateful --quick` write their results."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SCHEMES = ["notebook 1x128", "ours 1x128", "ours 2x256 (shipped)"]
 def test_quick_run_writes_json_and_markdown_for_every_scheme(
     tmp_path: Path, shakespeare_path: Path
 ) -> None:
-    res = run_cli("bench.training", "--quick", "--corpus", str(shakespeare_path),
+    res = run_cli("bench.training", "--schemes", "--quick", "--corpus", str(shakespeare_path),
                   "--out", str(tmp_path), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -76,3 +76,27 @@ def test_quick_stateful_comparison_writes_three_measures_per_scheme(
         carried = s["measures"]["carried_state"]
         assert carried["characters"] == report["corpus"]["val_characters"] - 1
     assert "| stateful |" in md_path.read_text()
+
+
+def test_quick_sweep_measures_each_configuration_and_the_loss_of_the_fastest(
+        tmp_path: Path, shakespeare_path: Path) -> None:
+    res = run_cli("bench.training", "--quick", "--corpus", str(shakespeare_path),
+                  "--out", str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (json_path,) = tmp_path.glob("training-sweep-*-quick.json")
+    report = json.loads(json_path.read_text())
+    rows = {r["name"]: r for r in report["throughput"]}
+    today = rows["today: tf, batch 64, any window"]
+    assert today["vs_today"] == 1.0
+    for r in rows.values():
+        assert r["chars_per_s"], r["runs"]
+        assert all(x > 0 for x in r["chars_per_s"])
+        assert r["cli"].startswith("--backend ")
+    pair = [r["name"] for r in report["loss_at_equal_time"]]
+    assert pair[0] == today["name"]
+    assert report["fastest"] in pair
+    assert report["chosen"] in pair
+    vocab = 65
+    for r in report["loss_at_equal_time"]:
+        assert all(0 < v < 2 * math.log(vocab) for v in r["val_nats"])
+    assert f"| {report['fastest']} |" in json_path.with_suffix(".md").read_text()

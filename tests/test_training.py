@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -382,6 +383,8 @@ def test_redirected_output_has_no_control_codes_and_a_line_per_epoch(
         assert code not in res.stdout
     epoch_lines = [line for line in res.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(re.search(r", [\d,]+ chars/s, \d+ s$", line) for line in epoch_lines)
+    assert re.search(r"^throughput: [\d,]+ target characters per second", res.stdout, re.M)
 
 
 def test_log_csv_counts_epochs_from_one_like_the_console(

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from training.environment import BACKENDS, quiet_tensorflow
+from training.speed import JIT_CHOICES, PIPELINES, PRECISIONS
 
 # Before anything imports TensorFlow: its CUDA start-up errors mean nothing without a GPU.
 quiet_tensorflow()
@@ -103,6 +104,26 @@ def _train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="Keras backend (default: $KERAS_BACKEND, else tensorflow); jax trains on "
                    "a GPU where TensorFlow has no GPU build (export still needs TensorFlow)")
+    speed = p.add_argument_group(
+        "speed", "settings that change characters per second, not the model; unset, a CPU-only "
+        "host gets the fastest measured by `python -m bench.training` (printed at the start and "
+        "recorded in config.json and model.json), a GPU host Keras's own")
+    speed.add_argument("--threads", type=int, default=None,
+                       help="intra-op threads (TF_NUM_INTRAOP_THREADS, or XLA_FLAGS for jax); "
+                       "0: one per core")
+    speed.add_argument("--jit-compile", choices=JIT_CHOICES, default=None,
+                       help="compile the train step with XLA (auto: Keras decides; on a CPU "
+                       "TensorFlow does not)")
+    speed.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="mixed_bfloat16: bf16 compute, float32 weights (kept by --resume)")
+    window = speed.add_mutually_exclusive_group()
+    window.add_argument("--fixed-window", dest="fixed_window", action="store_true",
+                        default=None, help="build the training graph for windows of exactly "
+                        "--seq-len characters (a recurrent loop of known length)")
+    window.add_argument("--any-window", dest="fixed_window", action="store_false",
+                        help="build it for windows of any length")
+    speed.add_argument("--pipeline", choices=PIPELINES, default=None,
+                       help="how batches reach Keras on TensorFlow (jax always takes arrays)")
     p.add_argument("--distribute", choices=["auto", "none", "mirrored"], default="auto",
                    help="auto: MirroredStrategy when several GPUs (or --cpu-devices) are visible")
     p.add_argument("--cpu-devices", type=int, default=0,
@@ -316,9 +337,16 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
     """Train; True if the run has weights to export."""
-    from training.environment import choose_backend, import_tensorflow
+    from training.environment import choose_backend, gpu_wanted, import_tensorflow
+    from training.speed import apply_threads, chosen_speed
 
-    if choose_backend(args.backend) == "tensorflow":  # before train imports Keras
+    backend = choose_backend(args.backend)
+    speed, source = chosen_speed(gpu_wanted(), threads=args.threads,
+                                 jit_compile=args.jit_compile, precision=args.precision,
+                                 fixed_window=args.fixed_window, pipeline=args.pipeline)
+    print(f"speed settings from {source}", flush=True)
+    apply_threads(backend, speed.threads)  # before the backend is imported
+    if backend == "tensorflow":  # before train imports Keras
         import_tensorflow()
     from training.train import TrainOptions, train
 
@@ -335,7 +363,11 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
         sample_length=args.sample_length, steps_per_epoch=args.steps_per_epoch,
         stateful=args.stateful, force=args.force, verbose=verbose,
         command=["python", "-m", "training", *(argv if argv is not None else sys.argv[1:])],
+        speed=speed,
     ))
+    if result.chars_per_s is not None:
+        print(f"throughput: {result.chars_per_s:,.0f} target characters per second of training "
+              "(validation and samples not counted)", flush=True)
     if result.best_epoch is None or result.best_val_loss is None:
         print(f"no epoch trained (already at --epochs {args.epochs}?); best weights, if "
               f"any: {result.checkpoint}", flush=True)

@@ -193,7 +193,8 @@ def export(run_dir: Path, name: str, models_dir: Path, checkpoint: str = "best.w
                               sha256=saved["corpus"]["sha256"],
                               characters=int(saved["corpus"]["characters"])),
             training={k: saved[k] for k in ("command", "seq_len", "batch_size", "learning_rate",
-                                            "seed", "val_fraction", "backend") if k in saved},
+                                            "seed", "val_fraction", "backend", "speed")
+                      if k in saved},
             versions=_versions(),
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )

@@ -47,22 +47,26 @@ def _rnn_layer(cfg: ModelConfig, i: int, return_state: bool, stateful: bool = Fa
                      stateful=stateful, name=f"rnn_{i}")
 
 
-def build_training_model(cfg: ModelConfig, stateful_batch: int | None = None) -> Any:
+def build_training_model(cfg: ModelConfig, stateful_batch: int | None = None,
+                         window: int | None = None) -> Any:
     """ids (B, T) -> logits (B, T, V). With `stateful_batch`, B is fixed to it and each batch
     starts from the state the previous one ended in (row j continues row j); `reset_states`
-    zeroes it. Keras keeps that state outside the weights, so checkpoints load either way."""
+    zeroes it. Keras keeps that state outside the weights, so checkpoints load either way.
+    With `window`, T is fixed to it (the recurrent loop then has a known length); the weights
+    are the same either way."""
     import keras
 
     if stateful_batch is None:
-        ids = keras.Input(shape=(None,), dtype="int32", name="ids")
+        ids = keras.Input(shape=(window,), dtype="int32", name="ids")
     else:
-        ids = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="ids")
+        ids = keras.Input(batch_shape=(stateful_batch, window), dtype="int32", name="ids")
     x = keras.layers.Embedding(cfg.vocab_size, cfg.embedding_dim, name="embedding")(ids)
     for i in range(cfg.layers):
         x = _rnn_layer(cfg, i, return_state=False, stateful=stateful_batch is not None)(x)
         if cfg.dropout > 0:
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
-    logits = keras.layers.Dense(cfg.vocab_size, name="logits")(x)  # (B, T, V)
+    # float32 logits whatever the precision policy: the loss and softmax need the range.
+    logits = keras.layers.Dense(cfg.vocab_size, name="logits", dtype="float32")(x)  # (B, T, V)
     return keras.Model(ids, logits, name="char_rnn")
 
 

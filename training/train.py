@@ -33,6 +33,7 @@ from training.model import (
     copy_weights,
     reset_states,
 )
+from training.speed import Speed, keras_jit
 
 SAMPLE_TEMPERATURES = (0.2, 0.5, 1.0, 1.2)
 CONFIG_FILE = "config.json"
@@ -84,6 +85,7 @@ class TrainOptions:
     # the callbacks' messages, no control codes (a log file or a pipe).
     verbose: int = 1
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+    speed: Speed = field(default_factory=Speed)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class TrainResult:
     checkpoint: Path  # best weights by validation loss
     best_epoch: int | None  # counted from 1; None when no epoch has been trained
     best_val_loss: float | None  # nats/char, windows of seq_len from a zero state
+    # Target characters trained per second of training (validation and samples not counted),
+    # over the epochs of this run; None when none was trained.
+    chars_per_s: float | None = None
 
 
 def _strategy(opts: TrainOptions) -> Any:
@@ -193,6 +198,11 @@ class _EpochReport:
         self.rng = np.random.default_rng(opts.seed)
         self.t0 = 0.0
         self.t_train = 0.0
+        self.run_chars = 0  # over the epochs of this run, for the throughput it ends with
+        self.run_seconds = 0.0
+
+    def chars_per_s(self) -> float | None:
+        return self.run_chars / self.run_seconds if self.run_seconds > 0 else None
 
     def make_callbacks(self, initial_best: float) -> list[Any]:
         import keras
@@ -230,9 +240,9 @@ class _EpochReport:
             verbose=0,
             initial_value_threshold=initial_best if math.isfinite(initial_best) else None,
         )
-        # Keras appends its progress bar after these, so it would finish its line after our
-        # epoch line and samples were printed into it: put it first.
-        bar = [keras.callbacks.ProgbarLogger()] if self.opts.verbose == 1 else []
+        # On a terminal, a line updated in place; first, so that it is cleared before the
+        # epoch line and samples are printed.
+        bar = [progress_line(self.opts, self.train_chars)] if self.opts.verbose == 1 else []
         return [
             *bar,
             Report(),  # before the others: it adds val_loss (stateful) and the extra columns
@@ -248,6 +258,8 @@ class _EpochReport:
 
     def epoch_end(self, model: Any, epoch: int, logs: dict[str, Any]) -> None:
         seconds = self.t_train or (time.perf_counter() - self.t0)
+        self.run_chars += self.train_chars
+        self.run_seconds += seconds
         logs["bpc"] = float(logs["loss"]) / math.log(2)
         logs["val_bpc"] = float(logs["val_loss"]) / math.log(2)
         logs["chars_per_s"] = self.train_chars / max(seconds, 1e-9)
@@ -255,7 +267,7 @@ class _EpochReport:
             f"epoch {epoch + 1}/{self.opts.epochs}: loss {logs['loss']:.4f} nats/char "
             f"({logs['bpc']:.3f} bits), "
             f"val {logs['val_loss']:.4f} nats/char ({logs['val_bpc']:.3f} bits), "
-            f"{logs['chars_per_s']:,.0f} chars/s",
+            f"{logs['chars_per_s']:,.0f} chars/s, {_duration(seconds)}",
             flush=True,
         )
         self.write_samples(model, epoch)
@@ -283,6 +295,55 @@ class _EpochReport:
         print(for_terminal(block), flush=True)
         with (self.opts.run_dir / SAMPLES_FILE).open("a", encoding="utf-8") as f:
             f.write(block)
+
+
+def _duration(seconds: float) -> str:
+    """`42 s`, `3:07`, `1:02:09`: how long, as a person reads it."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(opts: TrainOptions, epoch_chars: int) -> Any:
+    """A Keras callback for a terminal: one line, rewritten in place a few times a second, with
+    the epoch's batches, running loss, target characters per second and the time left for the
+    epoch (from the rate so far). It erases itself before validation and the epoch line."""
+    import keras
+
+    class Progress(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.epoch, self.t0, self.shown = epoch, time.perf_counter(), 0.0
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            now = time.perf_counter()
+            steps = self.params.get("steps") or 0
+            done = batch + 1
+            if now - self.shown < 0.25 and done != steps:
+                return
+            self.shown = now
+            elapsed = now - self.t0
+            rate = epoch_chars * done / max(steps, 1) / max(elapsed, 1e-9)
+            left = elapsed / done * (steps - done) if steps else 0.0
+            loss = (logs or {}).get("loss")
+            text = (f"epoch {self.epoch + 1}/{opts.epochs}: batch {done}/{steps or '?'}"
+                    + (f", loss {float(loss):.4f}" if loss is not None else "")
+                    + f", {rate:,.0f} chars/s, {_duration(left)} left")
+            sys.stdout.write(f"\r{text}\x1b[K")
+            sys.stdout.flush()
+
+        def clear(self) -> None:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+
+        def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.clear()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.clear()
+
+    return Progress()
 
 
 def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -367,6 +428,24 @@ def best_epoch(run_dir: Path) -> TrainResult:
     return TrainResult(run_dir / BEST_FILE, int(best["epoch"]) + 1, float(best["val_loss"]))
 
 
+def compile_for_training(model: Any, learning_rate: float, clipnorm: float,
+                         speed: Speed) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=clipnorm),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=keras_jit(speed.jit_compile),
+    )
+
+
+def set_precision(speed: Speed) -> None:
+    """Keras's dtype policy for the layers built from now on (the logits stay float32)."""
+    import keras
+
+    keras.mixed_precision.set_global_policy(speed.precision)
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Train (or resume) into opts.run_dir; returns the best checkpoint and its epoch."""
     if not opts.resume:
@@ -419,6 +498,7 @@ def train(opts: TrainOptions) -> TrainResult:
             "seed": opts.seed,
             "command": shlex.join(opts.command),
             "backend": keras.backend.backend(),
+            "speed": opts.speed.to_dict(),
         }, indent=2))
 
     keras.utils.set_random_seed(opts.seed + initial_epoch)
@@ -430,26 +510,32 @@ def train(opts: TrainOptions) -> TrainResult:
 
     def build() -> Any:
         if opts.resume:
-            return keras.models.load_model(opts.run_dir / LAST_FILE)
-        model = build_training_model(cfg, opts.batch_size if opts.stateful else None)
-        model.compile(
-            optimizer=keras.optimizers.Adam(opts.learning_rate, clipnorm=opts.clipnorm),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+            # The layers keep the precision they were built with; the optimizer its state.
+            model = keras.models.load_model(opts.run_dir / LAST_FILE)
+            model.jit_compile = keras_jit(opts.speed.jit_compile)
+            return model
+        set_precision(opts.speed)
+        model = build_training_model(cfg, opts.batch_size if opts.stateful else None,
+                                     window=opts.seq_len if opts.speed.fixed_window else None)
+        compile_for_training(model, opts.learning_rate, opts.clipnorm, opts.speed)
         return model
 
-    def fit(model: Any, validate: Callable[[Any], float] | None, **data_kwargs: Any) -> None:
+    def fit(model: Any, validate: Callable[[Any], float] | None,
+            **data_kwargs: Any) -> _EpochReport:
         # Targets trained per epoch, for chars/s: a capped epoch trains fewer than the split.
         per_epoch = (opts.steps_per_epoch * opts.batch_size * opts.seq_len
                      if opts.steps_per_epoch else train_win[:, 1:].size)
         report = _EpochReport(opts, cfg, vocab, val_ids, train_chars=per_epoch,
                               validate=validate)
         callbacks = report.make_callbacks(_best_so_far(opts.run_dir / LOG_FILE))
+        # verbose=0: on a terminal, progress_line replaces Keras's bar.
         model.fit(epochs=opts.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                  verbose=1 if opts.verbose == 1 else 0, steps_per_epoch=opts.steps_per_epoch,
-                  **data_kwargs)
+                  verbose=0, steps_per_epoch=opts.steps_per_epoch, **data_kwargs)
+        return report
 
     backend = keras.backend.backend()
+    print(f"speed settings: {opts.speed.describe(backend)}, batch {opts.batch_size}, "
+          f"windows of {opts.seq_len}", flush=True)
     mode = f"stateful, {opts.batch_size} streams" if opts.stateful else "shuffled windows"
     if backend == "tensorflow":
         strategy = _strategy(opts)
@@ -457,6 +543,9 @@ def train(opts: TrainOptions) -> TrainResult:
             model = build()
         print(f"training on {strategy.num_replicas_in_sync} replica(s) with "
               f"{type(strategy).__name__}, Keras backend {backend}, {mode}", flush=True)
+        if opts.speed.pipeline == "arrays" and not opts.stateful:
+            report = fit(model, None, **array_inputs(train_win, val_win, opts.batch_size))
+            return replace(best_epoch(opts.run_dir), chars_per_s=report.chars_per_s())
         # Stateful: in order, so that row j of every batch is stream j.
         train_ds = data.dataset(train_win, opts.batch_size, shuffle=not opts.stateful,
                                 seed=opts.seed)
@@ -465,17 +554,23 @@ def train(opts: TrainOptions) -> TrainResult:
             train_ds = train_ds.repeat()
         # shuffle=False: fit's shuffle is for arrays; the dataset shuffles itself (or must not).
         if opts.stateful:
-            fit(model, _zero_state_validation(cfg, val_ds), x=train_ds, shuffle=False)
+            report = fit(model, _zero_state_validation(cfg, val_ds), x=train_ds, shuffle=False)
         else:
-            fit(model, None, x=train_ds, validation_data=val_ds, shuffle=False)
+            report = fit(model, None, x=train_ds, validation_data=val_ds, shuffle=False)
     else:
-        # Other Keras backends (JAX on a GPU host without TensorFlow): same model, numpy input.
+        # Other Keras backends (JAX, on a CPU or a GPU): same model, numpy input.
         model = build()
         print(f"training with Keras backend {backend}, {mode}", flush=True)
-        fit(model, None, x=train_win[:, :-1], y=train_win[:, 1:], batch_size=opts.batch_size,
-            shuffle=True, validation_data=(val_win[:, :-1], val_win[:, 1:]),
-            validation_batch_size=opts.batch_size)
-    return best_epoch(opts.run_dir)
+        report = fit(model, None, **array_inputs(train_win, val_win, opts.batch_size))
+    return replace(best_epoch(opts.run_dir), chars_per_s=report.chars_per_s())
+
+
+def array_inputs(train_win: np.ndarray, val_win: np.ndarray, batch_size: int
+                 ) -> dict[str, Any]:
+    """fit's arguments for numpy windows: Keras shuffles them every epoch."""
+    return {"x": train_win[:, :-1], "y": train_win[:, 1:], "batch_size": batch_size,
+            "shuffle": True, "validation_data": (val_win[:, :-1], val_win[:, 1:]),
+            "validation_batch_size": batch_size}
 
 
 def _zero_state_validation(cfg: ModelConfig, val_ds: Any) -> Callable[[Any], float]:
