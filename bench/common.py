@@ -155,3 +155,31 @@ def int_list(text: str, most: int | None = None) -> list[int]:
         bound = f"[1, {most}]" if most is not None else "positive"
         raise argparse.ArgumentTypeError(f"expected integers in {bound}, got {text!r}")
     return values
+
+
+def start_service(settings: dict[str, str], log: Path, timeout_s: float = 180.0
+                  ) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m app` on a free port with these CHARLSTM_* settings (names without the
+    prefix), its output in `log`; (the process, its URL) once /ready answers 200."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**os.environ, "CHARLSTM_PORT": str(port),
+           **{f"CHARLSTM_{k.upper()}": v for k, v in settings.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log.read_text()}")

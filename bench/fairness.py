@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,34 +34,23 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, latency_ms, load_average, machine_facts, md_table, write_results
-from bench.decode import free_port
+from bench.common import (
+    ROOT,
+    latency_ms,
+    load_average,
+    machine_facts,
+    md_table,
+    start_service,
+    write_results,
+)
 
 VICTIM_SEED = "Now is the winter of our discontent made g"[:40]
 FLOOD_SEED = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
 
 def start(models: Path, model: str, keys: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "CHARLSTM_PORT": str(port), "CHARLSTM_DEFAULT_MODEL": model,
-           "CHARLSTM_MODELS_DIR": str(models), "CHARLSTM_API_KEYS": keys,
-           "CHARLSTM_HTTP_WORKERS": "1", "CHARLSTM_WATCH_MODELS": "false",
-           "CHARLSTM_MAX_QUEUE": "1000"}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+    return start_service({"default_model": model, "models_dir": str(models), "api_keys": keys,
+                          "http_workers": "1", "watch_models": "false", "max_queue": "1000"}, log)
 
 
 def auth(key: str | None) -> dict[str, str]:

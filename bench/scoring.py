@@ -31,8 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import ROOT, load_average, machine_facts, md_table, write_results
-from bench.decode import free_port
+from bench.common import ROOT, load_average, machine_facts, md_table, start_service, write_results
 
 DATA = Path(os.environ.get("CHARLSTM_DATA", ROOT.parent / "shared" / "data"))
 CORPORA = {"shakespeare": "tinyshakespeare.txt", "nietzsche": "nietzsche.txt"}
@@ -45,22 +44,8 @@ def held_out(model: str) -> str:
 
 
 def start(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "CHARLSTM_PORT": str(port), "CHARLSTM_DEFAULT_MODEL": model,
-           "CHARLSTM_MODELS_DIR": str(ROOT / "models"), "CHARLSTM_MAX_WAIT_S": "120"}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+    return start_service({"default_model": model, "models_dir": str(ROOT / "models"),
+                          "max_wait_s": "120"}, log)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

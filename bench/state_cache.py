@@ -8,7 +8,6 @@ without the cache, on models/shakespeare through `python -m app` (same run, inte
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -26,28 +25,14 @@ from bench.common import (
     load_average,
     machine_facts,
     md_table,
+    start_service,
     write_results,
 )
-from bench.decode import free_port
 
 
 def start(cache_mb: float, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "CHARLSTM_PORT": str(port), "CHARLSTM_DEFAULT_MODEL": "shakespeare",
-           "CHARLSTM_MODELS_DIR": str(ROOT / "models"), "CHARLSTM_STATE_CACHE_MB": str(cache_mb)}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+    return start_service({"default_model": "shakespeare", "models_dir": str(ROOT / "models"),
+                          "state_cache_mb": str(cache_mb)}, log)
 
 
 def first_char_s(client: httpx.Client, seed_text: str) -> tuple[float, float]:
