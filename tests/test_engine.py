@@ -394,3 +394,24 @@ def test_the_engine_loop_and_client_speak_over_an_ipc_socket(tmp_path: Path) -> 
     assert greedy.finished.started is not None  # the engine's timings crossed too
     assert (stopped.ids, stopped.finish_reason) == ([1, 2, 3], "stop")
     assert pid == os.getpid()
+
+
+def test_a_reader_that_falls_behind_gets_what_waited_in_one_event() -> None:
+    """A slow reader never slows the batch: its characters wait in its stream, and the next
+    read returns them merged into one Chars event, not one per engine flush."""
+    async def go() -> tuple[int, int, int]:
+        async with running_engine(FakeModel(vocab=7)) as (engine, _):
+            events = engine.generate(params([0], max_new=3000, temperature=0.0, stream=True))
+            await anext(events)  # admitted
+            first = await anext(events)
+            await asyncio.sleep(0.3)  # the engine goes on meanwhile
+            later = await anext(events)
+            rest = await result_of(events)
+            assert isinstance(first, Chars)
+            assert isinstance(later, Chars)
+            return len(first.ids), len(later.ids), len(first.ids) + len(later.ids) + len(
+                rest.ids)
+
+    first, later, total = run(go())
+    assert total == 3000
+    assert later > 50 * max(first, 1) or later >= 3000 - first - 1

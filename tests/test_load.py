@@ -480,8 +480,11 @@ def test_a_slow_reader_neither_slows_the_others_nor_loses_text(load_server: Serv
     assert slow.summary["finish_reason"] == "length"
     assert slow.text == slow.summary["text"]
     assert len(slow.text) == SLOW_CHARS
-    # Held up behind the slow reader, the characters came out in chunks of many at a time.
-    assert max(slow.chunks) >= 10, slow.chunks[:50]
+    # Several characters per event: the engine's K-character blocks, and whatever waited for
+    # the reader merged (test_engine.py's test_a_reader_that_falls_behind_gets_what_waited_...
+    # checks the merging itself: here 5,000 characters fit in the socket buffers, so whether
+    # the writes back up at all depends on the machine).
+    assert max(slow.chunks) > 1, slow.chunks[:50]
     assert len(slow.chunks) < SLOW_CHARS
 
 
