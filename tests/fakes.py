@@ -141,3 +141,15 @@ async def running_engine(model: Any, observer: Any = None, **limits: Any
         yield client, core
     finally:
         client.close()
+
+
+def run_core(model: Any, decode: Any, reqs: list[GenerationRequest], **kw: Any
+             ) -> list[Sequence]:
+    """Drive an EngineCore directly over `reqs` until every one has finished."""
+    core = EngineCore(model, decode=decode, **kw)
+    seqs = [Sequence(r) for r in reqs]
+    for s in seqs:
+        core.submit(s)
+    while core.has_work:
+        core.iterate()
+    return seqs

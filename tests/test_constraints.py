@@ -24,11 +24,10 @@ import pytest
 from app.constraints import ConstraintError, ConstraintSpec, compile_constraint
 from app.decode import DecodeGraphs, serving_decode_graphs
 from app.engine.batch import Sequence
-from app.engine.core import EngineCore
 from app.engine.messages import GenerationRequest
 from app.runtime import OnnxModel, RuntimeOptions, load_model
 from tests.conftest import InProcessServer
-from tests.fakes import request
+from tests.fakes import request, run_core
 from tests.modelgen import build_model
 
 JSON_VOCAB = sorted(set(string.ascii_letters + string.digits + ' \n{}[]":,.-+_'))
@@ -69,15 +68,7 @@ def constrained(model: OnnxModel, kind: Any, value: Any, seed: int, **kw: Any
     return request(model.vocab.encode(p.pop("seed_text", "x")), constraint=c.constraint, **p)
 
 
-def run(model: OnnxModel, decode: DecodeGraphs | None, reqs: list[GenerationRequest],
-        **kw: Any) -> list[Sequence]:
-    core = EngineCore(model, decode=decode, **kw)
-    seqs = [Sequence(r) for r in reqs]
-    for s in seqs:
-        core.submit(s)
-    while core.has_work:
-        core.iterate()
-    return seqs
+run = run_core
 
 
 def text(model: OnnxModel, s: Sequence) -> str:

@@ -16,7 +16,7 @@ from app.engine.batch import Sequence
 from app.engine.core import EngineCore
 from app.engine.messages import GenerationRequest
 from app.runtime import OnnxModel, RuntimeOptions, load_model
-from tests.fakes import request
+from tests.fakes import request, run_core
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +32,7 @@ def graphs(model: OnnxModel) -> DecodeGraphs:
     return g
 
 
-def run(model: OnnxModel, decode: DecodeGraphs | None, params: list[GenerationRequest],
-        **kw: Any) -> list[Sequence]:
-    core = EngineCore(model, decode=decode, **kw)
-    seqs = [Sequence(p) for p in params]
-    for s in seqs:
-        core.submit(s)
-    while core.has_work:
-        core.iterate()
-    return seqs
+run = run_core
 
 
 def varied(model: OnnxModel, i: int, **kw: Any) -> GenerationRequest:
