@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None,
             log.error("cannot start: %s", exc)
             raise RuntimeError(f"cannot start: {exc}") from None
         svc.start()
-        await svc.engines_up(timeout_s=60.0)
+        await svc.engines_up(timeout_s=settings.engine_start_timeout_s)
         follower = None
         if settings.engine_dir is not None:
             follower = asyncio.ensure_future(svc.follow())

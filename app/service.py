@@ -265,6 +265,8 @@ class ModelService:
         self.continuation_key = (settings.continuation_key or secrets.token_hex(32)).encode()
         self.started = False
         self.draining = False
+        # Set when the process is told to stop before it serves: start-up stops waiting.
+        self.stop_starting = asyncio.Event()
         self.open_streams = 0  # SSE replies still being written (a drain waits for them)
         # Hot reload (engine processes only): the manifest generation served, and the
         # replaced versions still finishing their requests.
@@ -310,10 +312,19 @@ class ModelService:
         self.started = True
 
     async def engines_up(self, timeout_s: float) -> bool:
-        """Wait for every engine's first heartbeat."""
-        results = await asyncio.gather(*(s.engine.wait_alive(timeout_s)
-                                         for s in self.models.values()))
-        return all(results)
+        """Wait for every engine's first heartbeat; False at once if `stop_starting` is set
+        meanwhile (a SIGTERM before serving: the engines may never come, as when the
+        supervisor was killed, and there is nothing to drain)."""
+        up = asyncio.ensure_future(asyncio.gather(*(s.engine.wait_alive(timeout_s)
+                                                    for s in self.models.values())))
+        stop = asyncio.ensure_future(self.stop_starting.wait())
+        try:
+            await asyncio.wait([up, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not up.done():
+                up.cancel()
+        return up.done() and not up.cancelled() and all(up.result())
 
     @property
     def dead_engines(self) -> list[str]:

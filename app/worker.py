@@ -41,7 +41,9 @@ class DrainingServer(uvicorn.Server):
         if self.supervised and sig == signal.SIGINT:
             return
         if self._draining is not None or not self.started:
-            super().handle_exit(sig, frame)  # second signal, or not serving yet: stop now
+            # Second signal, or not serving yet: stop now, without waiting out start-up.
+            self.svc.stop_starting.set()
+            super().handle_exit(sig, frame)
             return
         log.info("signal %s: draining for up to %.0f s", signal.Signals(sig).name, self.grace_s)
         self._draining = asyncio.get_event_loop().create_task(self._drain())

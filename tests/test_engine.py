@@ -415,3 +415,32 @@ def test_a_reader_that_falls_behind_gets_what_waited_in_one_event() -> None:
     first, later, total = run(go())
     assert total == 3000
     assert later > 50 * max(first, 1) or later >= 3000 - first - 1
+
+
+def test_start_up_stops_waiting_for_engines_that_will_never_come_when_told_to_stop(
+        tmp_path: Path) -> None:
+    """A worker told to stop before it serves (its supervisor was killed while it started)
+    exits at once instead of waiting out the engines' start-up timeout: it used to sit
+    there for 60 s, alive, with no supervisor."""
+    import time
+    from types import SimpleNamespace
+
+    from app.engine.client import EngineClient
+    from app.service import ModelService
+
+    async def main() -> tuple[bool, float]:
+        client = EngineClient("gone", f"ipc://{tmp_path / 'nobody.sock'}")
+        client.start()
+        svc = SimpleNamespace(models={"gone": SimpleNamespace(engine=client)},
+                              stop_starting=asyncio.Event())
+        asyncio.get_running_loop().call_later(0.2, svc.stop_starting.set)
+        t0 = time.perf_counter()
+        try:
+            up = await ModelService.engines_up(svc, 60.0)  # type: ignore[arg-type]
+        finally:
+            client.close()
+        return up, time.perf_counter() - t0
+
+    up, waited = asyncio.run(main())
+    assert not up
+    assert waited < 10, f"start-up waited {waited:.1f} s after it was told to stop"
