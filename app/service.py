@@ -315,11 +315,11 @@ class ModelService:
         """Wait for every engine's first heartbeat; False at once if `stop_starting` is set
         meanwhile (a SIGTERM before serving: the engines may never come, as when the
         supervisor was killed, and there is nothing to drain)."""
-        up = asyncio.ensure_future(asyncio.gather(*(s.engine.wait_alive(timeout_s)
-                                                    for s in self.models.values())))
-        stop = asyncio.ensure_future(self.stop_starting.wait())
+        up: asyncio.Future[list[bool]] = asyncio.ensure_future(asyncio.gather(
+            *(s.engine.wait_alive(timeout_s) for s in self.models.values())))
+        stop: asyncio.Future[bool] = asyncio.ensure_future(self.stop_starting.wait())
         try:
-            await asyncio.wait([up, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((up, stop), return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
             if not up.done():
