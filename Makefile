@@ -36,12 +36,19 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Most tests wait on processes, sockets and TensorFlow, so the suite runs on PYTEST_WORKERS
+# xdist workers; the few that assert times under load (marker `alone`) run after, by themselves.
+PYTEST_WORKERS ?= 3
+PYTEST := $(BIN)/python -m pytest -q
+
 test: $(VENV)/.dev browser h2load podman nginx lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST) -n $(PYTEST_WORKERS) -m "not alone"
+	$(PYTEST) -m alone
 
 # Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
 test-full: $(VENV)/.dev browser h2load podman nginx lint
-	CHARLSTM_FULL=1 $(BIN)/python -m pytest -q
+	CHARLSTM_FULL=1 $(PYTEST) -n $(PYTEST_WORKERS) -m "not alone"
+	CHARLSTM_FULL=1 $(PYTEST) -m alone
 
 # Debian's h2load (nghttp2-client) drives the servers in bench.serving.
 h2load:

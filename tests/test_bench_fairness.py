@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # a benchmark
 
 
 def test_quick_fairness_bench_measures_every_scenario(tmp_path: Path) -> None:

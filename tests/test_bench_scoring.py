@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # a benchmark
 
 
 def test_quick_scoring_bench_measures_served_raw_and_lm_eval(tmp_path: Path) -> None:

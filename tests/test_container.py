@@ -39,6 +39,8 @@ from httpx_sse import connect_sse
 
 from tests.conftest import ARTIFACTS, ROOT, free_port
 
+pytestmark = pytest.mark.slow  # builds and runs the image with podman
+
 IS_ROOT = os.geteuid() == 0
 READY_WITHIN_S = 30.0
 STOP_GRACE_S = 30  # docker-compose.yml's stop_grace_period

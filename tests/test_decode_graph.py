@@ -181,6 +181,7 @@ def test_decode_graph_of_unknown_version_or_k_is_refused(tiny_models: Path,
         load_decode_graph(folder, 1, options=CPU)
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_cli_adds_decode_graphs_without_tensorflow(tiny_models: Path, tmp_path: Path) -> None:
     folder = Path(shutil.copytree(tiny_models / "tiny", tmp_path / "tiny"))
     for d in folder.glob("decode.*.onnx"):

@@ -33,6 +33,7 @@ def read_stream(url: str, body: dict[str, object], out: dict[str, object]) -> No
     out["text"] = text
 
 
+@pytest.mark.slow  # real server processes
 def test_sigterm_drains_running_streams_and_refuses_new_ones(tmp_path: Path) -> None:
     srv = start_server(ROOT / "models", tmp_path / "server.log", default="shakespeare",
                        drain_s="30")

@@ -35,6 +35,8 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import FULL, Server, start_server, stop_server
 
+pytestmark = pytest.mark.slow  # schemathesis fuzzing against a real server process
+
 # Requests per operation; only POST /generate and /v1/completions can be sent invalid inputs.
 CASES = {GenerationMode.POSITIVE: 150 if FULL else 12, GenerationMode.NEGATIVE: 300 if FULL else 24}
 MAX_NEW_CHARS = 50  # the fuzz server's limit: streams stay short

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 from app.artifact import read_metadata
 from tests.conftest import run_cli
 from training.model import ModelConfig, build_inference_model
+
+pytestmark = pytest.mark.slow  # TensorFlow
 
 
 def op_types(path: Path) -> set[str]:

@@ -25,6 +25,8 @@ from tests.conftest import ROOT, Server, start_server, stop_server
 from tests.test_api import metric
 from tests.test_faults import inprocess  # noqa: F401  (fixture)
 
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # load against real server processes
+
 
 class EngineKilled(BaseException):
     """Escapes every `except Exception` in the engine: the worker dies outright."""
@@ -196,7 +198,6 @@ def test_a_flood_of_long_seeds_leaves_running_streams_a_bounded_gap(
     assert max(gaps) < bound, f"largest gap {max(gaps):.3f} s with {flooded} long seeds"
 
 
-@pytest.mark.slow  # a load test: 600 requests retried past a full server
 def test_overload_admits_what_fits_the_wait_bound_and_retry_after_gets_the_rest_served(
         tiny_models: Path, tmp_path: Path) -> None:
     # All requests are alike, so rows free in waves of 64, one every T = 3,000 characters'

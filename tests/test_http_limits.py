@@ -82,6 +82,7 @@ def read_response(s: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+@pytest.mark.slow  # waits out the header timeout
 def test_a_silent_connection_is_closed_with_408_within_the_header_timeout(
         limited: Server) -> None:
     with connect(limited) as s:

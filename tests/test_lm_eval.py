@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import ROOT, InProcessServer
 from tests.stepwise import stepwise
 
+pytestmark = pytest.mark.slow  # lm-evaluation-harness against a real server process
+
 MODEL_DIR = ROOT / "models" / "shakespeare"
 TASKS = ["charlstm_mc", "charlstm_rolling", "charlstm_gen"]
 

@@ -28,6 +28,8 @@ from httpx_sse import aconnect_sse
 
 from tests.conftest import ARTIFACTS, FULL, ProcessServer, Server, start_server, stop_server
 
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # load and soak against real server processes
+
 SOAK_S = 120.0 if FULL else 15.0
 SOAK_CLIENTS = 64
 SOAK_CHARS = 200
@@ -179,7 +181,6 @@ async def soak(server: ProcessServer, seconds: float) -> Soak:
     return result
 
 
-@pytest.mark.slow  # load: the fast tier has a smaller case of the same behaviour
 def test_soak_64_streaming_clients_complete_every_stream_and_memory_stays_flat(
         load_server: ProcessServer) -> None:
     t0 = time.perf_counter()
@@ -250,7 +251,6 @@ async def metrics_text(client: httpx.AsyncClient) -> str:
     return (await client.get("/metrics")).text
 
 
-@pytest.mark.slow  # load: the fast tier has a smaller case of the same behaviour
 def test_hundreds_of_clients_vanishing_mid_stream_free_their_rows_within_a_second(
         load_server: ProcessServer) -> None:
     async def run() -> tuple[list[Stream], float, float, float]:
@@ -316,7 +316,6 @@ OVERLOAD_ROWS, OVERLOAD_QUEUE, OVERLOAD_EXCESS = 4, 4, 32
 LONG_CHARS = 12_000  # keeps the 4 rows busy for about a second on the tiny model
 
 
-@pytest.mark.slow  # load: the fast tier has a smaller case of the same behaviour
 def test_overload_answers_429_with_retry_after_within_50_ms_and_admitted_requests_complete(
         tiny_models: Path, tmp_path: Path) -> None:
     # The queue-count gate is the one under test: the predicted-wait gate is set out of its way,

@@ -144,6 +144,7 @@ def test_allowed_hosts_takes_names_not_urls() -> None:
 
 # --- a real `python -m app` -------------------------------------------------------------------
 
+@pytest.mark.slow  # a browser
 def test_a_page_cannot_reload_a_keyless_loopback_service_but_the_playground_generates(
         tiny_models: Path, tmp_path: Path) -> None:
     srv = start_server(tiny_models, tmp_path / "server.log", admin_local="true")

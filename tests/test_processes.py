@@ -25,6 +25,8 @@ from app.runtime import serving_variant
 from tests.conftest import ROOT, Server, free_port, start_server, stop_server
 from tests.test_api import metric
 
+pytestmark = pytest.mark.slow  # real server processes: the process layout itself
+
 
 @pytest.fixture(scope="module")
 def two_workers(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory

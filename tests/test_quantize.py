@@ -21,6 +21,7 @@ def tiny_copy(tiny_models: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_models / "tiny", tmp_path / "tiny"))
 
 
+@pytest.mark.slow  # quantizes with the CLI
 def test_int8_variant_is_listed_with_its_loss_within_the_bound(tiny_copy: Path,
                                                                small_corpus: Path) -> None:
     res = run_cli("training", "quantize", str(tiny_copy), str(small_corpus))
@@ -60,6 +61,7 @@ def test_int8_variant_is_listed_with_its_loss_within_the_bound(tiny_copy: Path,
     assert serving_variant(meta, "cpu", "auto") is None
 
 
+@pytest.mark.slow  # quantizes with the CLI
 def test_int8_variant_over_the_bound_is_refused_and_nothing_written(tiny_copy: Path,
                                                                      small_corpus: Path) -> None:
     before = (tiny_copy / "model.json").read_text()

@@ -81,6 +81,7 @@ def source(tiny_models: Path) -> Path:
 
 # --- real servers -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # real server processes
 def test_a_running_stream_finishes_on_the_old_version_while_new_requests_get_the_new(
         models: Path, source: Path, tmp_path: Path) -> None:
     srv = start_server(models, tmp_path / "server.log", max_new_chars="1000000", drain_s="60")
@@ -133,6 +134,7 @@ def test_a_running_stream_finishes_on_the_old_version_while_new_requests_get_the
     assert "Traceback" not in srv.log()
 
 
+@pytest.mark.slow  # real server processes
 def test_a_corrupt_or_invalid_folder_is_refused_by_name_and_the_old_version_keeps_serving(
         models: Path, source: Path, tmp_path: Path) -> None:
     srv = start_server(models, tmp_path / "server.log")
@@ -168,6 +170,7 @@ def test_a_corrupt_or_invalid_folder_is_refused_by_name_and_the_old_version_keep
         stop_server(srv)
 
 
+@pytest.mark.slow  # real server processes
 def test_sighup_and_the_admin_endpoint_reload_and_removed_folders_stop_being_served(
         models: Path, source: Path, tmp_path: Path) -> None:
     srv = start_server(models, tmp_path / "server.log", watch_models="false",

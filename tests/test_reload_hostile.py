@@ -112,6 +112,7 @@ def test_a_model_json_over_the_bound_or_linked_outside_is_refused_unread(
 
 # --- under hot reload, a real `python -m app` --------------------------------------------------
 
+@pytest.mark.slow  # real server processes
 def test_hot_reload_refuses_a_fifo_and_an_outside_link_and_keeps_serving_and_draining(
         models: Path, tmp_path: Path) -> None:
     huge = sparse_file(tmp_path / "huge.json", BIG)

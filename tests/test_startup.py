@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, start_server, stop_server
 
+pytestmark = pytest.mark.slow  # real server processes: start-up refusals
+
 
 def test_service_starts_with_the_bundled_models(tmp_path: Path) -> None:
     srv = start_server(ROOT / "models", tmp_path / "server.log", default="shakespeare")

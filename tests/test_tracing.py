@@ -128,6 +128,7 @@ def test_a_refused_request_says_so_in_its_span(
     assert answer.attributes == {"process": "worker", "charlstm.refused": "overloaded"}
 
 
+@pytest.mark.slow  # a real server process
 def test_without_configuration_nothing_is_imported_or_recorded(tiny_models: Path) -> None:
     code = (
         "import sys\n"
@@ -187,6 +188,7 @@ class Collector:
         return out
 
 
+@pytest.mark.slow  # real server processes
 def test_otel_environment_variables_export_the_trace_of_both_processes(
         tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     collector = Collector()

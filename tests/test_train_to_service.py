@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.artifact import read_metadata
 from tests.conftest import ROOT, free_port, run_cli, start_server, stop_server
+
+pytestmark = pytest.mark.slow  # TensorFlow and real server processes
 
 
 def test_one_command_trains_exports_and_the_running_service_serves_the_model(

@@ -25,6 +25,8 @@ from training.evaluate import carried_loss, window_loss
 from training.generate import States
 from training.model import ModelConfig, build_inference_model, build_training_model, copy_weights
 
+pytestmark = pytest.mark.slow  # TensorFlow: trains and exports with the CLI
+
 TINY = ["--units", "8", "--embedding-dim", "4", "--layers", "1", "--seq-len", "20",
         "--sample-length", "5"]
 JAX_INSTALLED = importlib.util.find_spec("jax") is not None

@@ -21,6 +21,8 @@ from tests.conftest import ROOT, run_cli
 from training.generate import generate
 from training.speed import CPU_DEFAULT, Speed, chosen_speed
 
+pytestmark = pytest.mark.slow  # TensorFlow: trains with each backend
+
 TINY = ["--units", "8", "--embedding-dim", "4", "--layers", "1", "--seq-len", "20",
         "--sample-length", "5", "--steps-per-epoch", "2", "--quiet"]
 BACKENDS = ["tensorflow", *(["jax"] if importlib.util.find_spec("jax") else [])]

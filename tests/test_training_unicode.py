@@ -45,6 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory
     return root / "models", res
 
 
+@pytest.mark.slow  # TensorFlow
 def test_a_byte_order_mark_is_not_in_the_vocabulary(
         trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     meta = read_metadata(trained[0] / "vi")
@@ -52,6 +53,7 @@ def test_a_byte_order_mark_is_not_in_the_vocabulary(
     assert meta.corpus.characters == len(NFC_TEXT)
 
 
+@pytest.mark.slow  # TensorFlow
 def test_normalisation_is_recorded_and_applied_to_the_corpus(
         trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     meta = read_metadata(trained[0] / "vi")
@@ -61,6 +63,7 @@ def test_normalisation_is_recorded_and_applied_to_the_corpus(
     assert read_metadata(ROOT / "models" / "shakespeare").normalization is None  # older files
 
 
+@pytest.mark.slow  # TensorFlow
 def test_training_reports_the_vocabulary_and_validation_only_characters(
         trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     _, res = trained
@@ -74,6 +77,7 @@ def test_training_reports_the_vocabulary_and_validation_only_characters(
     assert "U+0000 '\\x00'" in warning
 
 
+@pytest.mark.slow  # TensorFlow
 def test_samples_reach_the_terminal_with_controls_escaped(
         trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     _, res = trained
@@ -84,6 +88,7 @@ def test_samples_reach_the_terminal_with_controls_escaped(
     assert "\\x1b" in res.stdout or "\\x07" in res.stdout  # the training text holds both
 
 
+@pytest.mark.slow  # TensorFlow
 def test_the_service_applies_the_models_normalisation_to_seeds_and_stops(
         trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     app = create_app(Settings(models_dir=trained[0], default_model="vi"))
