@@ -42,12 +42,12 @@ PYTEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -q
 
 test: $(VENV)/.dev browser h2load podman nginx lint
-	$(PYTEST) -n $(PYTEST_WORKERS) -m "not alone"
+	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadgroup -m "not alone"
 	$(PYTEST) -m alone
 
 # Longer fuzzing and the 2-minute soak (see docs/RELIABILITY.md).
 test-full: $(VENV)/.dev browser h2load podman nginx lint
-	CHARLSTM_FULL=1 $(PYTEST) -n $(PYTEST_WORKERS) -m "not alone"
+	CHARLSTM_FULL=1 $(PYTEST) -n $(PYTEST_WORKERS) --dist loadgroup -m "not alone"
 	CHARLSTM_FULL=1 $(PYTEST) -m alone
 
 # Debian's h2load (nghttp2-client) drives the servers in bench.serving.

@@ -58,6 +58,8 @@ def test_one_command_trains_exports_and_the_running_service_serves_the_model(
     assert "Traceback" not in srv.log()
 
 
+# One xdist worker trains the session's model for both of its users (`make test`: --dist loadgroup).
+@pytest.mark.xdist_group("trained_tiny")
 def test_serve_starts_a_service_on_the_models_folder_when_none_answers(
         trained_tiny: Path, tmp_path: Path) -> None:
     run = trained_tiny.parent / "run"  # the run the session fixture trained

@@ -240,6 +240,8 @@ def test_carried_state_loss_equals_a_char_by_char_onnxruntime_pass(tmp_path: Pat
     assert abs(window_loss(step, sizes, ids, 37).loss_nats - expected) > 1e-4
 
 
+# One xdist worker trains the session's model for both of its users (`make test`: --dist loadgroup).
+@pytest.mark.xdist_group("trained_tiny")
 def test_cli_train_export_evaluate_sample(trained_tiny: Path, small_corpus: Path) -> None:
     """The session fixture ran `train` and `export`; check the artifact and the other commands."""
     model_dir = trained_tiny / "tiny"
