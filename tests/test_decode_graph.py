@@ -136,6 +136,31 @@ def test_k_step_graph_samples_what_the_host_samples_step_by_step(
     assert same.mean() >= 0.999
 
 
+@pytest.mark.parametrize("steps", [1, 8])
+def test_calls_without_details_run_a_reduced_graph_with_the_same_ids_and_states(
+        tiny: tuple[OnnxModel, DecodeGraph, DecodeGraph], steps: int) -> None:
+    """Rows that want no details run the graph without the details outputs and their nodes
+    (onnxruntime runs every node whatever a call fetches): ids and states bit for bit."""
+    model, k1, k8 = tiny
+    graph = k1 if steps == 1 else k8
+    assert graph.lean is not None
+    rows = 700
+    p = check_rows(model.meta, rows, seed=11)
+    states = primed_states(model, p["prime"])
+    u = block_uniforms(p["keys"], np.zeros(rows, np.uint64), steps)
+    full = graph.run(p["ids"], states, p["temperature"], p["top_k"], p["top_p"], u,
+                     details=True)
+    lean = graph.run(p["ids"], states, p["temperature"], p["top_k"], p["top_p"], u,
+                     details=False)
+    assert full.chosen_prob is not None
+    assert lean.chosen_prob is None
+    assert np.array_equal(full.ids, lean.ids)
+    for a, b in zip(full.states, lean.states, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert {o.name for o in graph.lean.get_outputs()} == {
+        graph.spec.ids_output, *(s.output for s in model.meta.onnx.states)}
+
+
 def test_details_equal_the_engines(tiny: tuple[OnnxModel, DecodeGraph, DecodeGraph]) -> None:
     """chosen_prob and the top 5 at temperature 1, as app.engine._record_details computes."""
     model, k1, _ = tiny
