@@ -100,8 +100,15 @@ def block_uniforms(keys: npt.NDArray[np.uint64], counters: npt.NDArray[np.uint64
                    steps: int) -> npt.NDArray[np.float64]:
     """(B, K) draws: column j is what app.rng gives the host sampler at counter + j, so a
     seeded request picks the same characters with K-step graphs as one step at a time."""
-    return np.stack([rng_mod.uniforms(keys, counters + np.uint64(j)) for j in range(steps)],
-                    axis=1)
+    if keys.shape[0] == 1:  # one row: Python ints, one array
+        return np.array([rng_mod.row_uniforms(int(keys[0]), int(counters[0]), steps)],
+                        np.float64)
+    if steps == 1:
+        return rng_mod.uniforms(keys, counters)[:, None]
+    # Every (row, j) at once: the same elementwise arithmetic app.rng.uniforms does per column.
+    grid = counters[:, None] + np.arange(steps, dtype=np.uint64)[None, :]
+    rows = np.broadcast_to(keys[:, None], grid.shape)
+    return rng_mod.uniforms(rows.reshape(-1), grid.reshape(-1)).reshape(grid.shape)
 
 
 def without_details(model: Any, keep: list[str]) -> Any:

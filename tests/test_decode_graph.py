@@ -241,3 +241,20 @@ def test_bundled_models_carry_checked_decode_graphs(name: str) -> None:
         graph = load_decode_graph(folder, 1, variant=variant, options=CPU)
         check = check_against_host(graph, model, 1, rows=256, seed=11)
         assert check["greedy_identical"] == check["greedy_rows"]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 300])
+@pytest.mark.parametrize("steps", [1, 8])
+def test_block_uniforms_are_the_hosts_draws_column_by_column(rows: int, steps: int) -> None:
+    """The K-step block (one vectorised call, or Python ints for one row) holds the bits the
+    host sampler draws one step at a time, counters near the top of uint64 included."""
+    rng = np.random.default_rng(rows * 10 + steps)
+    keys = rng_mod.row_keys(rng.integers(0, 2**62, rows))
+    counters = rng.integers(0, 2**62, rows).astype(np.uint64)
+    counters[0] = np.uint64(2**64 - 3)  # wraps within the block, as uint64 arithmetic does
+    with np.errstate(over="ignore"):
+        want = np.stack([rng_mod.uniforms(keys, counters + np.uint64(j))
+                         for j in range(steps)], axis=1)
+    got = block_uniforms(keys, counters, steps)
+    assert got.dtype == np.float64
+    assert np.array_equal(got, want)

@@ -57,7 +57,7 @@ class LoopTimings:
     # a few streams, several per event when many run. Finishes and admissions go out at the
     # end of the iteration that produced them.
     flush_s_per_stream: float = 250e-6
-    max_flush_interval_s: float = 0.02
+    max_flush_interval_s: float = 0.05
 
 
 def started(s: Sequence) -> Started | None:
