@@ -58,6 +58,10 @@ class LoopTimings:
     # end of the iteration that produced them.
     flush_s_per_stream: float = 250e-6
     max_flush_interval_s: float = 0.05
+    # ...and at least this often apart: a lone stream would otherwise get an event (an HTTP
+    # write, a wake-up of its reader) per decode call, hundreds of microseconds apart, and
+    # that work shares the machine with the engine.
+    min_flush_interval_s: float = 0.003
 
 
 def started(s: Sequence) -> Started | None:
@@ -120,7 +124,8 @@ class EngineLoop:
                 core.recover()
             self._collect()
             now = time.perf_counter()
-            interval = min(self.t.max_flush_interval_s, self.t.flush_s_per_stream * self.streams)
+            interval = min(self.t.max_flush_interval_s, max(
+                self.t.min_flush_interval_s, self.t.flush_s_per_stream * self.streams))
             if now - self.last_flush >= interval:
                 self._flush(now)
             elif self.urgent or self.out:
