@@ -53,9 +53,10 @@ class LoopTimings:
     # one closes its socket when its last request here has finished.
     retire_quiet_s: float = 1.0
     # Each flush costs every client ~tens of µs per stream woken (one SSE event each), so
-    # flush at most every flush_s_per_stream x streams (capped): one character per event for
-    # a few streams, several per event when many run. Finishes and admissions go out at the
-    # end of the iteration that produced them.
+    # flush at most every flush_s_per_stream x streams (between the bounds below): a few
+    # characters per event for a few streams, more per event when many run. Finishes, first
+    # characters and admissions go out at the end of the iteration that produced them, and
+    # only they: the other streams' characters wait for the paced flush.
     flush_s_per_stream: float = 250e-6
     max_flush_interval_s: float = 0.05
     # ...and at least this often apart: a lone stream would otherwise get an event (an HTTP
