@@ -45,13 +45,20 @@ class DecodeOutput:
 
 
 class DecodeGraph:
-    """One decode graph's onnxruntime session; host arrays in and out (CPU provider)."""
+    """One decode graph's onnxruntime session; host arrays in and out (CPU provider).
 
-    def __init__(self, spec: DecodeGraphSpec, meta: ModelMetadata, session: Any) -> None:
+    `lean`: the same graph without its details outputs and the nodes only they need (see
+    `without_details`), run when no row wants details. onnxruntime runs every node of a graph
+    whatever outputs a call fetches, and the temperature-1 softmax and top-5 of every step cost
+    more than the model itself for small models at large batches."""
+
+    def __init__(self, spec: DecodeGraphSpec, meta: ModelMetadata, session: Any,
+                 lean: Any = None) -> None:
         self.spec = spec
         self.steps = spec.steps
         self.details = spec.details
         self.session = session
+        self.lean = lean
         self.state_in = [s.input for s in meta.onnx.states]
         self.state_sizes = [s.size for s in meta.onnx.states]
         self._outputs = [spec.ids_output, *(s.output for s in meta.onnx.states)]
@@ -81,7 +88,8 @@ class DecodeGraph:
                  s.uniforms_input: np.ascontiguousarray(uniforms, np.float64)}
         want = self.details if details is None else details and self.details
         n_out = len(self._outputs) if want else 1 + len(self.state_in)
-        out = self.session.run(self._outputs[:n_out], feeds)
+        session = self.session if want or self.lean is None else self.lean
+        out = session.run(self._outputs[:n_out], feeds)
         result = DecodeOutput(out[0], out[1:1 + len(self.state_in)])
         if want:
             result.chosen_prob, result.top_ids, result.top_probs = out[1 + len(self.state_in):]
@@ -92,8 +100,52 @@ def block_uniforms(keys: npt.NDArray[np.uint64], counters: npt.NDArray[np.uint64
                    steps: int) -> npt.NDArray[np.float64]:
     """(B, K) draws: column j is what app.rng gives the host sampler at counter + j, so a
     seeded request picks the same characters with K-step graphs as one step at a time."""
-    return np.stack([rng_mod.uniforms(keys, counters + np.uint64(j)) for j in range(steps)],
-                    axis=1)
+    if keys.shape[0] == 1:  # one row: Python ints, one array
+        return np.array([rng_mod.row_uniforms(int(keys[0]), int(counters[0]), steps)],
+                        np.float64)
+    if steps == 1:
+        return rng_mod.uniforms(keys, counters)[:, None]
+    # Every (row, j) at once: the same elementwise arithmetic app.rng.uniforms does per column.
+    grid = counters[:, None] + np.arange(steps, dtype=np.uint64)[None, :]
+    rows = np.broadcast_to(keys[:, None], grid.shape)
+    return rng_mod.uniforms(rows.reshape(-1), grid.reshape(-1)).reshape(grid.shape)
+
+
+def without_details(model: Any, keep: list[str]) -> Any:
+    """`model` (onnx.ModelProto, topologically sorted as ONNX requires) with only the outputs
+    `keep` and the nodes and initializers they need; the nodes kept are unchanged, so the
+    outputs are the same. A node with subgraphs (If) needs what they read from outside."""
+    graph = model.graph
+    needed = set(keep)
+    kept = []
+    for node in reversed(graph.node):
+        if not needed.intersection(node.output):
+            continue
+        kept.append(node)
+        needed.update(node.input)
+        needed.update(_subgraph_inputs(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    outputs = [o for o in graph.output if o.name in keep]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return model
+
+
+def _subgraph_inputs(node: Any) -> set[str]:
+    """Every tensor name the node's subgraphs (at any depth) read: a superset of what they
+    read from the enclosing graph, which is all a pruning walk needs."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]:
+            for n in g.node:
+                names.update(n.input)
+                names.update(_subgraph_inputs(n))
+            names.update(o.name for o in g.output)
+    return names
 
 
 def _sha256(path: Path) -> str:
@@ -133,6 +185,9 @@ def open_decode_graph(model_dir: Path, meta: ModelMetadata, spec: DecodeGraphSpe
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise ArtifactError(f"{path}: onnxruntime cannot load it: {exc}") from None
     graph = DecodeGraph(spec, meta, session)
+    if spec.details:
+        graph.lean = _lean_session(path, [graph._outputs[0], *(s.output for s in
+                                                              meta.onnx.states)], so, provider)
     names_in = {i.name for i in session.get_inputs()}
     names_out = {o.name for o in session.get_outputs()}
     want_in = {spec.ids_input, *graph.state_in, spec.temperature_input, spec.top_k_input,
@@ -142,6 +197,24 @@ def open_decode_graph(model_dir: Path, meta: ModelMetadata, spec: DecodeGraphSpe
                             f"are not the ones model.json describes ({sorted(want_in)}, "
                             f"{graph._outputs})")
     return graph
+
+
+def _lean_session(path: Path, keep: list[str], so: Any, provider: str) -> Any:
+    """A session of the graph at `path` reduced to the outputs `keep` (without_details), or
+    None (then the full graph serves every call) when it cannot be made."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        # The weights come along (external data read from the source graph beside it), so
+        # the reduced graph loads from memory.
+        model = without_details(onnx.load(str(path)), keep)
+        return ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                    providers=[provider])
+    except Exception as exc:  # the full graph still serves; only speed is lost
+        log.warning("%s: no reduced graph without details (%s); running the full one", path,
+                    exc)
+        return None
 
 
 def load_decode_graph(model_dir: Path, steps: int = 1, variant: str | None = None,

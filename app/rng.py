@@ -37,6 +37,16 @@ def _mix_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def row_uniforms(key: int, counter: int, steps: int) -> list[float]:
+    """Draws number counter .. counter + steps - 1 of one stream, as `uniforms` gives them
+    (same bits), in Python ints: a single row's K-step block without numpy calls."""
+    out = []
+    for j in range(steps):
+        bits = _mix_int((key + (counter + j + 1) * 0x9E3779B97F4A7C15) & _MASK)
+        out.append((bits >> 11) * (1.0 / (1 << 53)))
+    return out
+
+
 def uniforms(keys: U64, counters: U64) -> npt.NDArray[np.float64]:
     """One float in [0, 1) per row for draw number `counters` of stream `keys`."""
     if keys.shape[0] == 1:  # a single stream: Python ints beat ten numpy calls, same bits

@@ -101,7 +101,9 @@ class Vocabulary:
         return np.fromiter((self._index[c] for c in text), dtype=np.int32, count=len(text))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        # On the hot path (every SSE event): map, not a generator of int() calls; an index
+        # works for Python and numpy integers alike.
+        return "".join(map(self.chars.__getitem__, ids))
 
     def difference(self, other: Vocabulary) -> tuple[list[str], list[str]]:
         """(characters only in self, characters only in other)."""

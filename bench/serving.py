@@ -105,6 +105,7 @@ class Config:
     before_dir: Path | None
     before: bool
     profile: bool
+    servers: list[str] | None  # only these server keys (None: every one)
     out: Path
     quick: bool
     h2load: str
@@ -705,6 +706,13 @@ def real_specs(cfg: Config, before_code: Path | None, model_dir: Path) -> list[S
     return specs
 
 
+def chosen(cfg: Config, specs: list[ServerSpec]) -> list[ServerSpec]:
+    """The specs --servers names (all of them without it)."""
+    if cfg.servers is None:
+        return specs
+    return [s for s in specs if s.key in cfg.servers]
+
+
 def body_file(path: Path, chars: int) -> Path:
     path.write_text(json.dumps({"seed_text": SEED_TEXT, "max_new_chars": chars, "stream": True,
                                 "temperature": TEMPERATURE}), encoding="utf-8")
@@ -995,14 +1003,14 @@ def run(cfg: Config) -> dict[str, Any]:
             log("training and exporting the free model (1 x LSTM(8), 1 epoch)")
             free_dir = build_free_model(work / "free", cfg.corpus)
         free = measure_model(cfg, "free", free_dir, cfg.levels, cfg.free_chars,
-                             free_specs(cfg, before), work)
+                             chosen(cfg, free_specs(cfg, before)), work)
         real = None
         if cfg.real_levels:
             real_dir = work / "real-models" / cfg.real_model.resolve().name
             # A copy: the service refuses model folders that link outside its models folder.
             shutil.copytree(cfg.real_model.resolve(), real_dir)
             real = measure_model(cfg, "real", real_dir, cfg.real_levels, cfg.real_chars,
-                                 real_specs(cfg, before, real_dir), work)
+                                 chosen(cfg, real_specs(cfg, before, real_dir)), work)
             real["model"] = shown(cfg.real_model)
     meta["loadavg_end"] = load_average()
     settings = {k: shown(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
@@ -1045,6 +1053,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--before-dir", type=Path, help="a checkout of the 'before' code (default: "
                    "`git archive` of --before-ref)")
     p.add_argument("--no-before", action="store_true", help="only today's servers")
+    p.add_argument("--servers", help="comma-separated server keys to run (after, after_w2, "
+                   "after_host, after_fp32, after_int8, before; default: all)")
     p.add_argument("--h2load", default=shutil.which("h2load"), help="h2load binary "
                    "(apt-get install nghttp2-client)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -1081,6 +1091,8 @@ def config(args: argparse.Namespace) -> Config:
         real_model=args.real_model, free_model=free_model, corpus=args.corpus,
         before_ref=args.before_ref, before_dir=args.before_dir, before=not args.no_before,
         profile=not args.no_profile, out=args.out, quick=args.quick, h2load=args.h2load,
+        servers=[k.strip() for k in args.servers.split(",") if k.strip()] if args.servers
+        else None,
     )
 
 

@@ -136,6 +136,31 @@ def test_k_step_graph_samples_what_the_host_samples_step_by_step(
     assert same.mean() >= 0.999
 
 
+@pytest.mark.parametrize("steps", [1, 8])
+def test_calls_without_details_run_a_reduced_graph_with_the_same_ids_and_states(
+        tiny: tuple[OnnxModel, DecodeGraph, DecodeGraph], steps: int) -> None:
+    """Rows that want no details run the graph without the details outputs and their nodes
+    (onnxruntime runs every node whatever a call fetches): ids and states bit for bit."""
+    model, k1, k8 = tiny
+    graph = k1 if steps == 1 else k8
+    assert graph.lean is not None
+    rows = 700
+    p = check_rows(model.meta, rows, seed=11)
+    states = primed_states(model, p["prime"])
+    u = block_uniforms(p["keys"], np.zeros(rows, np.uint64), steps)
+    full = graph.run(p["ids"], states, p["temperature"], p["top_k"], p["top_p"], u,
+                     details=True)
+    lean = graph.run(p["ids"], states, p["temperature"], p["top_k"], p["top_p"], u,
+                     details=False)
+    assert full.chosen_prob is not None
+    assert lean.chosen_prob is None
+    assert np.array_equal(full.ids, lean.ids)
+    for a, b in zip(full.states, lean.states, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert {o.name for o in graph.lean.get_outputs()} == {
+        graph.spec.ids_output, *(s.output for s in model.meta.onnx.states)}
+
+
 def test_details_equal_the_engines(tiny: tuple[OnnxModel, DecodeGraph, DecodeGraph]) -> None:
     """chosen_prob and the top 5 at temperature 1, as app.engine._record_details computes."""
     model, k1, _ = tiny
@@ -217,3 +242,20 @@ def test_bundled_models_carry_checked_decode_graphs(name: str) -> None:
         graph = load_decode_graph(folder, 1, variant=variant, options=CPU)
         check = check_against_host(graph, model, 1, rows=256, seed=11)
         assert check["greedy_identical"] == check["greedy_rows"]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 300])
+@pytest.mark.parametrize("steps", [1, 8])
+def test_block_uniforms_are_the_hosts_draws_column_by_column(rows: int, steps: int) -> None:
+    """The K-step block (one vectorised call, or Python ints for one row) holds the bits the
+    host sampler draws one step at a time, counters near the top of uint64 included."""
+    rng = np.random.default_rng(rows * 10 + steps)
+    keys = rng_mod.row_keys(rng.integers(0, 2**62, rows))
+    counters = rng.integers(0, 2**62, rows).astype(np.uint64)
+    counters[0] = np.uint64(2**64 - 3)  # wraps within the block, as uint64 arithmetic does
+    with np.errstate(over="ignore"):
+        want = np.stack([rng_mod.uniforms(keys, counters + np.uint64(j))
+                         for j in range(steps)], axis=1)
+    got = block_uniforms(keys, counters, steps)
+    assert got.dtype == np.float64
+    assert np.array_equal(got, want)

@@ -444,3 +444,31 @@ def test_start_up_stops_waiting_for_engines_that_will_never_come_when_told_to_st
     up, waited = asyncio.run(main())
     assert not up
     assert waited < 10, f"start-up waited {waited:.1f} s after it was told to stop"
+
+
+def test_a_stream_read_gives_up_after_its_own_idle_timeout_only() -> None:
+    """The reader's idle timeout (the SSE keep-alive) counts from each read: a timer armed
+    by an earlier read that events answered does not cut a later read short."""
+    from app.engine.client import _Stream
+
+    async def go() -> tuple[float, list[Any], float]:
+        loop = asyncio.get_running_loop()
+        stream = _Stream(params([0], max_new=5))
+        t0 = loop.time()
+        idle = await stream.take(0.05)  # nothing comes: [] after the timeout
+        waited = loop.time() - t0
+        loop.call_later(0.01, stream.put, Chars(1, [1]))
+        got = await stream.take(0.2)  # answered early; its timer stays armed
+        await asyncio.sleep(0.15)
+        t1 = loop.time()
+        late = await stream.take(0.2)  # the earlier timer fires 0.05 s in: not yet
+        second = loop.time() - t1
+        stream.close()
+        assert idle == []
+        assert late == []
+        return waited, got, second
+
+    waited, got, second = run(go())
+    assert 0.045 <= waited < 0.5
+    assert [e.ids for e in got] == [[1]]
+    assert 0.19 <= second < 0.6

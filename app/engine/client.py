@@ -86,17 +86,23 @@ def engine_address(engine_dir: Path, model: str) -> str:
 
 
 class _Stream:
-    """One request's events as they arrive, for its one reader."""
+    """One request's events as they arrive, for its one reader.
+
+    The reader waits on a bare future per wait; its idle timeout is one timer per stream that
+    is re-armed only when it fires early (a stream that gets events often never pays for a
+    timer per event, as asyncio.timeout or wait_for would)."""
 
     def __init__(self, req: GenerationRequest) -> None:
         self.req = req
         self.events: list[Event] = []
-        self.wake = asyncio.Event()
         self.decided = False
         self.started: Started | None = None
         self.delivered = 0  # ids delivered so far
         self.finished: set[int] = set()  # choices that have finished
         self.prefill_s = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # loop time at which the pending take gives up
 
     def put(self, event: Event) -> None:
         if isinstance(event, Admitted | Refused):
@@ -108,20 +114,59 @@ class _Stream:
         elif isinstance(event, Finished):
             self.finished.add(event.index)
         self.events.append(event)
-        self.wake.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Until an event is here, or `timeout` seconds."""
+        if self.events:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        handle = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
 
     async def take(self, timeout: float | None) -> list[Event]:  # noqa: ASYNC109
         """The events since the last take; [] after `timeout` seconds without any."""
         if not self.events:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            if timeout is not None:
+                self._due = loop.time() + timeout
+                if self._timer is None:
+                    self._timer = loop.call_at(self._due, self._expire)
             try:
-                # asyncio.timeout, not wait_for: no extra Task per wake-up on the hot path.
-                async with asyncio.timeout(timeout):
-                    await self.wake.wait()
-            except TimeoutError:
-                return []
-        self.wake.clear()
+                await waiter
+            finally:
+                self._waiter = None
         events, self.events = self.events, []
         return events
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next take arms the timer again
+        loop = waiter.get_loop()
+        if loop.time() + 1e-3 >= self._due:
+            waiter.set_result(None)  # no events: the take returns []
+        else:  # armed by an earlier take that was answered in time
+            self._timer = loop.call_at(self._due, self._expire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class EngineClient:
@@ -248,6 +293,7 @@ class EngineClient:
                     finishes += isinstance(event, Finished)
                     yield event
         finally:
+            stream.close()
             self._streams.pop(req.rid, None)
             if finishes < req.n:
                 self._send(Cancel(req.rid))
@@ -256,7 +302,7 @@ class EngineClient:
         waited = 0.0
         while not stream.decided:
             t0 = time.perf_counter()
-            await _wait(stream.wake, 1.0)
+            await stream.wait(1.0)
             # A stalled engine (alive, silent) pauses the clock: it will answer when it runs.
             if time.perf_counter() - self._heard_at < 1.0:
                 waited += time.perf_counter() - t0
@@ -268,8 +314,6 @@ class EngineClient:
                 raise EngineUnavailableError(f"the engine of model {self.name!r} did not "
                                              "answer in time")
         first = stream.events.pop(0)
-        if not stream.events:
-            stream.wake.clear()
         if isinstance(first, Refused):
             raise RefusedError(first.kind, first.message, first.retry_after)
         assert isinstance(first, Admitted)
@@ -382,14 +426,6 @@ class EngineClient:
                 s.put(Finished(s.req.rid, reason, error if reason == "error" else None,
                                s.delivered, s.req.submitted_at, started, now,
                                started.prefill_s if started else 0.0, index=index))
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        pass
 
 
 def merge_chars(events: list[Event]) -> list[Event]:

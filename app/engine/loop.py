@@ -53,11 +53,16 @@ class LoopTimings:
     # one closes its socket when its last request here has finished.
     retire_quiet_s: float = 1.0
     # Each flush costs every client ~tens of µs per stream woken (one SSE event each), so
-    # flush at most every flush_s_per_stream x streams (capped): one character per event for
-    # a few streams, several per event when many run. Finishes and admissions go out at the
-    # end of the iteration that produced them.
+    # flush at most every flush_s_per_stream x streams (between the bounds below): a few
+    # characters per event for a few streams, more per event when many run. Finishes, first
+    # characters and admissions go out at the end of the iteration that produced them, and
+    # only they: the other streams' characters wait for the paced flush.
     flush_s_per_stream: float = 250e-6
-    max_flush_interval_s: float = 0.02
+    max_flush_interval_s: float = 0.05
+    # ...and at least this often apart: a lone stream would otherwise get an event (an HTTP
+    # write, a wake-up of its reader) per decode call, hundreds of microseconds apart, and
+    # that work shares the machine with the engine.
+    min_flush_interval_s: float = 0.003
 
 
 def started(s: Sequence) -> Started | None:
@@ -88,11 +93,13 @@ class EngineLoop:
         self.decode_graph = core.decode.files if core.decode else ""
         self.seqs: dict[tuple[bytes, int], Sequence] = {}
         self.clients: dict[bytes, float] = {}  # identity -> last heard from
-        self.news: dict[bytes, dict[int, Sequence]] = {}  # client -> rid -> sequence
-        self.out: dict[bytes, list[Event]] = {}  # admissions, ahead of any news
+        # News to send, by (client, rid): `urgent` at the end of this iteration (finishes,
+        # first characters), `paced` at the next paced flush (more characters).
+        self.urgent: dict[tuple[bytes, int], Sequence] = {}
+        self.paced: dict[tuple[bytes, int], Sequence] = {}
+        self.out: dict[bytes, list[Event]] = {}  # admissions and refusals, ahead of any news
         self.streams = 0
         self.cancel_seen = False
-        self.urgent = False  # a finish or an admission is waiting to be sent
         self.last_flush = 0.0
         self.last_status = 0.0
         self.stopping = False
@@ -118,9 +125,12 @@ class EngineLoop:
                 core.recover()
             self._collect()
             now = time.perf_counter()
-            interval = min(self.t.max_flush_interval_s, self.t.flush_s_per_stream * self.streams)
-            if self.urgent or now - self.last_flush >= interval:
+            interval = min(self.t.max_flush_interval_s, max(
+                self.t.min_flush_interval_s, self.t.flush_s_per_stream * self.streams))
+            if now - self.last_flush >= interval:
                 self._flush(now)
+            elif self.urgent or self.out:
+                self._flush(now, everything=False)
             if now - self.last_status >= self.t.heartbeat_s:
                 self._heartbeat(now)
             if self.retiring_since is not None and self._retired(now):
@@ -159,7 +169,6 @@ class EngineLoop:
                 self.cancel_seen = True
 
     def _submit(self, ident: bytes, req: GenerationRequest) -> None:
-        self.urgent = True
         out = self.out.setdefault(ident, [])
         try:
             req.check()
@@ -186,21 +195,32 @@ class EngineLoop:
         for s in touched:
             root = s.parent or s  # a request with n choices is read as one, by its rid
             if root.req.stream or s.done:
-                self.news.setdefault(s.client, {})[s.req.rid] = root
+                key = (s.client, s.req.rid)
                 # A finish, and a stream's first characters, go out at the end of this
-                # iteration: time to first character does not wait for the pacing.
+                # iteration: time to first character does not wait for the pacing. Only
+                # those: the other streams' characters wait for the paced flush, so a busy
+                # engine (requests ending every iteration) does not send every stream an
+                # event per iteration.
                 if s.done or s.sent == 0:
-                    self.urgent = True
+                    self.urgent[key] = root
+                    self.paced.pop(key, None)
+                elif key not in self.urgent:
+                    self.paced[key] = root
 
-    def _flush(self, now: float) -> None:
-        self.last_flush = now
-        self.urgent = False
+    def _flush(self, now: float, everything: bool = True) -> None:
+        """Send each client its news: the admissions, refusals and urgent news always, the
+        other streams' characters when `everything` (the pacing interval has passed)."""
         out, self.out = self.out, {}
-        for ident, seqs in self.news.items():
-            events = out.setdefault(ident, [])
-            for s in seqs.values():
-                events.extend(self._events(s))
-        self.news = {}
+        news = self.urgent
+        self.urgent = {}
+        if everything:
+            self.last_flush = now
+            news.update(self.paced)
+            self.paced = {}
+        for (ident, _), root in news.items():
+            events = self._events(root)
+            if events:
+                out.setdefault(ident, []).extend(events)
         for ident, events in out.items():
             self._send(ident, encoder.encode(Outputs(events)))
 
