@@ -202,10 +202,11 @@ def open_decode_graph(model_dir: Path, meta: ModelMetadata, spec: DecodeGraphSpe
 def _lean_session(path: Path, keep: list[str], so: Any, provider: str) -> Any:
     """A session of the graph at `path` reduced to the outputs `keep` (without_details), or
     None (then the full graph serves every call) when it cannot be made."""
-    import onnx
     import onnxruntime as ort
 
     try:
+        import onnx  # a dependency of the service; a broken install only loses speed
+
         # The weights come along (external data read from the source graph beside it), so
         # the reduced graph loads from memory.
         model = without_details(onnx.load(str(path)), keep)
