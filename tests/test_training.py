@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from app.artifact import read_metadata
 from app.runtime import RuntimeOptions, load_model
 from app.vocab import Vocabulary
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from training import data
 from training.evaluate import carried_loss, window_loss
 from training.generate import States
@@ -328,9 +329,13 @@ def test_resume_refuses_a_corpus_with_another_vocabulary(tmp_path: Path, small_c
     assert res.returncode == 0, res.stderr[-2000:]
     other = tmp_path / "other.txt"
     other.write_text(small_corpus.read_text()[:5000] + "€")
-    res = run_cli("training", "train", str(other), "-o", str(run), "--resume", "--epochs", "2",
-                  "--quiet")
-    assert res.returncode == 2
+    # Refused before TensorFlow is imported: the answer comes in a second, not after its start-up.
+    res = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom training.__main__ import main\n"
+         "code = main(sys.argv[1:])\nassert 'tensorflow' not in sys.modules, 'imported'\n"
+         "sys.exit(code)", "train", str(other), "-o", str(run), "--resume", "--epochs", "2",
+         "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
     assert "vocabulary differs" in res.stderr
     assert "'€'" in res.stderr
 

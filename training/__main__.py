@@ -345,14 +345,11 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
                                  jit_compile=args.jit_compile, precision=args.precision,
                                  fixed_window=args.fixed_window, pipeline=args.pipeline)
     print(f"speed settings from {source}", flush=True)
-    apply_threads(backend, speed.threads)  # before the backend is imported
-    if backend == "tensorflow":  # before train imports Keras
-        import_tensorflow()
-    from training.train import TrainOptions, train
+    from training.train import TrainOptions, check_resume, train
 
     # A progress bar only on a terminal: in a file it is control codes and backspaces.
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-    result = train(TrainOptions(
+    opts = TrainOptions(
         corpus=args.corpus, run_dir=args.out, lowercase=args.lowercase,
         normalization=None if args.normalize == "none" else args.normalize, cell=args.cell,
         layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
@@ -364,7 +361,13 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> bool:
         stateful=args.stateful, force=args.force, verbose=verbose,
         command=["python", "-m", "training", *(argv if argv is not None else sys.argv[1:])],
         speed=speed,
-    ))
+    )
+    if opts.resume:  # a resume the run cannot take is refused before TensorFlow's start-up
+        check_resume(opts)
+    apply_threads(backend, speed.threads)  # before the backend is imported
+    if backend == "tensorflow":  # before train imports Keras
+        import_tensorflow()
+    result = train(opts)
     if result.chars_per_s is not None:
         print(f"throughput: {result.chars_per_s:,.0f} target characters per second of training "
               "(validation and samples not counted)", flush=True)

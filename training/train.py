@@ -446,6 +446,14 @@ def set_precision(speed: Speed) -> None:
     keras.mixed_precision.set_global_policy(speed.precision)
 
 
+def check_resume(opts: TrainOptions) -> None:
+    """Refuse a resume whose corpus or options the run cannot take (ResumeError), without the
+    backend: the CLI calls it before importing TensorFlow, so the answer comes in a second."""
+    corpus = corpus_mod.load(opts.corpus, lowercase=opts.lowercase,
+                             normalization=opts.normalization)
+    _check_resume(opts.run_dir, Vocabulary.from_text([corpus.text]), opts)
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Train (or resume) into opts.run_dir; returns the best checkpoint and its epoch."""
     if not opts.resume:
