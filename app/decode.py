@@ -103,8 +103,6 @@ def block_uniforms(keys: npt.NDArray[np.uint64], counters: npt.NDArray[np.uint64
     if keys.shape[0] == 1:  # one row: Python ints, one array
         return np.array([rng_mod.row_uniforms(int(keys[0]), int(counters[0]), steps)],
                         np.float64)
-    if steps == 1:
-        return rng_mod.uniforms(keys, counters)[:, None]
     # Every (row, j) at once: the same elementwise arithmetic app.rng.uniforms does per column.
     grid = counters[:, None] + np.arange(steps, dtype=np.uint64)[None, :]
     rows = np.broadcast_to(keys[:, None], grid.shape)
@@ -185,9 +183,6 @@ def open_decode_graph(model_dir: Path, meta: ModelMetadata, spec: DecodeGraphSpe
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise ArtifactError(f"{path}: onnxruntime cannot load it: {exc}") from None
     graph = DecodeGraph(spec, meta, session)
-    if spec.details:
-        graph.lean = _lean_session(path, [graph._outputs[0], *(s.output for s in
-                                                              meta.onnx.states)], so, provider)
     names_in = {i.name for i in session.get_inputs()}
     names_out = {o.name for o in session.get_outputs()}
     want_in = {spec.ids_input, *graph.state_in, spec.temperature_input, spec.top_k_input,
@@ -196,6 +191,8 @@ def open_decode_graph(model_dir: Path, meta: ModelMetadata, spec: DecodeGraphSpe
         raise ArtifactError(f"{path}: inputs {sorted(names_in)} and outputs {sorted(names_out)} "
                             f"are not the ones model.json describes ({sorted(want_in)}, "
                             f"{graph._outputs})")
+    if spec.details:  # ids and states only: what a call fetches when no row wants details
+        graph.lean = _lean_session(path, graph._outputs[:1 + len(graph.state_in)], so, provider)
     return graph
 
 

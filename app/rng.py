@@ -50,8 +50,7 @@ def row_uniforms(key: int, counter: int, steps: int) -> list[float]:
 def uniforms(keys: U64, counters: U64) -> npt.NDArray[np.float64]:
     """One float in [0, 1) per row for draw number `counters` of stream `keys`."""
     if keys.shape[0] == 1:  # a single stream: Python ints beat ten numpy calls, same bits
-        bits = _mix_int((int(keys[0]) + (int(counters[0]) + 1) * 0x9E3779B97F4A7C15) & _MASK)
-        return np.array([(bits >> 11) * (1.0 / (1 << 53))], np.float64)
+        return np.array(row_uniforms(int(keys[0]), int(counters[0]), 1), np.float64)
     with np.errstate(over="ignore"):
         z = _mix(keys + (counters + np.uint64(1)) * _GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -118,32 +118,28 @@ class _Stream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Until an event is here, or `timeout` seconds."""
+    async def wait(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Until an event is here, or `timeout` seconds (None: no limit)."""
         if self.events:
             return
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        handle = loop.call_later(timeout, _wake, waiter)
+        if timeout is not None:
+            self._due = loop.time() + timeout
+            # A timer armed for later (a longer earlier wait) would fire late: move it.
+            if self._timer is not None and self._timer.when() > self._due:
+                self._timer.cancel()
+                self._timer = None
+            if self._timer is None:
+                self._timer = loop.call_at(self._due, self._expire)
         try:
             await waiter
         finally:
-            handle.cancel()
             self._waiter = None
 
     async def take(self, timeout: float | None) -> list[Event]:  # noqa: ASYNC109
         """The events since the last take; [] after `timeout` seconds without any."""
-        if not self.events:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            if timeout is not None:
-                self._due = loop.time() + timeout
-                if self._timer is None:
-                    self._timer = loop.call_at(self._due, self._expire)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+        await self.wait(timeout)
         events, self.events = self.events, []
         return events
 
@@ -162,11 +158,6 @@ class _Stream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class EngineClient:
