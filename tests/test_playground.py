@@ -24,11 +24,13 @@ CHROMIUM_ARGS = [
 ACTIVE_ROWS = 'charlstm_active_rows{model="tiny"}'
 CANCELLED = 'charlstm_requests_total{model="tiny",outcome="cancelled"}'
 
-pytestmark = [pytest.mark.slow,  # a browser
-              pytest.mark.skipif(
-    not CHROMIUM.is_file(),
-    reason=f"chromium not found at {CHROMIUM}: run `make browser` (or set CHARLSTM_CHROMIUM)",
-)]
+pytestmark = [
+    pytest.mark.slow,  # a browser
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(),
+        reason=f"chromium not found at {CHROMIUM}: run `make browser` (or set CHARLSTM_CHROMIUM)",
+    ),
+]
 
 
 # Generous: two shared cores, and a test run beside other test runs.

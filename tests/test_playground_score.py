@@ -13,9 +13,13 @@ from playwright.sync_api import Page, expect
 from tests.conftest import Server
 from tests.test_playground import CHROMIUM, browser, page  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.slow,  # a browser
-              pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"chromium not found at "
-                                f"{CHROMIUM}: run `make browser` (or set CHARLSTM_CHROMIUM)")]
+pytestmark = [
+    pytest.mark.slow,  # a browser
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(), reason=f"chromium not found at "
+        f"{CHROMIUM}: run `make browser` (or set CHARLSTM_CHROMIUM)",
+    ),
+]
 
 
 def test_score_view_shades_each_character_by_its_probability(page: Page,  # noqa: F811

@@ -19,11 +19,13 @@ from tests.test_playground import CHROMIUM, browser, fill_form
 
 __all__ = ["browser"]  # the module-scoped fixture, shared with test_playground.py
 
-pytestmark = [pytest.mark.slow,  # a browser
-              pytest.mark.skipif(
-    not CHROMIUM.is_file(),
-    reason=f"chromium not found at {CHROMIUM}: run `make browser` (or set CHARLSTM_CHROMIUM)",
-)]
+pytestmark = [
+    pytest.mark.slow,  # a browser
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(),
+        reason=f"chromium not found at {CHROMIUM}: run `make browser` (or set CHARLSTM_CHROMIUM)",
+    ),
+]
 expect.set_options(timeout=60_000)
 SEED, CHARS = "7", 1500
 LABELS = {"\x00": "NUL", "\x1b": "ESC", "\x07": "BEL", "\r": "CR", "\u2028": "LS", "\u2029": "PS",

@@ -26,9 +26,13 @@ import pytest
 from tests.conftest import ProcessServer, free_port, start_server, stop_server
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-pytestmark = [pytest.mark.slow,  # nginx and real server processes
-              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (run `make nginx`: "
-                                "Debian's nginx-light, as root)")]
+pytestmark = [
+    pytest.mark.slow,  # nginx and real server processes
+    pytest.mark.skipif(
+        NGINX is None, reason="nginx is not installed (run `make nginx`: "
+        "Debian's nginx-light, as root)",
+    ),
+]
 KEY = {"Authorization": "Bearer replica-key"}
 SEED = "the king is dead and the queen is gone, " * 20  # 800 characters: cached by prefix
 
